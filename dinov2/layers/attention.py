@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .attention_backends import attention, default_backend, resolve_backend, validate_backend
+from .packing import PackLayout
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over packed tokens ``[T, D]`` (or a dense ``[B, N, D]`` batch).
+
+    ``qkv`` and ``proj`` run once on all tokens; only the kernel in the middle sees the
+    image boundaries. Key names (``qkv``, ``proj``) match the released checkpoints.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by num_heads {num_heads}")
+        if attn_drop:
+            raise ValueError("attention dropout is not supported by the fused kernels; use attn_drop=0")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = validate_backend(backend or default_backend())
+
+    def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
+        dense_shape = x.shape if x.dim() == 3 else None
+        if dense_shape is not None:
+            layout = PackLayout.dense(x.shape[0], x.shape[1])
+            x = x.flatten(0, 1)
+        elif layout is None:
+            raise ValueError("packed [T, D] input needs a PackLayout")
+        tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
+        out = attention(q, k, v, layout, resolve_backend(self.backend, x.device))
+        out = self.proj_drop(self.proj(out.reshape(tokens, dim)))
+        return out.view(dense_shape) if dense_shape is not None else out

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from .attention import Attention
+from .drop_path import SUBSET_DROP_THRESHOLD, add_residual_on_kept_subset, drop_path_per_image
+from .layer_scale import LayerScale
+from .mlp import Mlp
+from .packing import PackLayout
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with LayerScale and stochastic depth over packed tokens.
+
+    Accepts a dense batch ``[B, N, D]`` or packed tokens ``[T, D]`` with their ``PackLayout``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        attn_class: Callable[..., nn.Module] = Attention,
+        ffn_layer: Callable[..., nn.Module] = Mlp,
+        attention_backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_class(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias,
+            attn_drop=attn_drop, proj_drop=drop, backend=attention_backend,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ffn_layer(
+            in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, bias=ffn_bias
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.sample_drop_ratio = drop_path
+
+    def _attn_branch(self, x: Tensor, layout: PackLayout) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), layout))
+
+    def _ffn_branch(self, x: Tensor, layout: PackLayout) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
+        dense_shape = x.shape if x.dim() == 3 else None
+        if dense_shape is not None:
+            layout = PackLayout.dense(x.shape[0], x.shape[1])
+            x = x.flatten(0, 1)
+        elif layout is None:
+            raise ValueError("packed [T, D] input needs a PackLayout")
+
+        rate = self.sample_drop_ratio if self.training else 0.0
+        for branch in (self._attn_branch, self._ffn_branch):
+            if rate > SUBSET_DROP_THRESHOLD:
+                x = add_residual_on_kept_subset(x, layout, branch, rate)
+            else:
+                x = x + drop_path_per_image(branch(x, layout), layout, rate)
+        return x.view(dense_shape) if dense_shape is not None else x
+
+
+class BlockChunk(nn.ModuleList):
+    """A run of blocks; FSDP1-era grouping kept for checkpoint keys ``blocks.{chunk}.{i}``."""
+
+    def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
+        for block in self:
+            if not isinstance(block, nn.Identity):
+                x = block(x, layout)
+        return x
