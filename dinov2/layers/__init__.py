@@ -3,6 +3,7 @@
 from .attention import Attention
 from .attention_backends import BACKENDS as ATTENTION_BACKENDS
 from .block import Block, BlockChunk
+from .dino_head import DINOHead
 from .layer_scale import LayerScale
 from .mlp import Mlp
 from .packing import PackLayout, pack
@@ -14,6 +15,6 @@ MemEffAttention = Attention
 NestedTensorBlock = Block
 
 __all__ = [
-    "ATTENTION_BACKENDS", "Attention", "Block", "BlockChunk", "LayerScale", "MemEffAttention",
+    "ATTENTION_BACKENDS", "Attention", "Block", "BlockChunk", "DINOHead", "LayerScale", "MemEffAttention",
     "Mlp", "NestedTensorBlock", "PackLayout", "PatchEmbed", "SwiGLUFFN", "SwiGLUFFNFused", "pack",
 ]

@@ -8,6 +8,8 @@ Backends (every one is tested against ``math`` on values and gradients):
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalMask`` over the whole packed
   sequence in one call. Selected by ``auto`` only after a probe call on the actual device
   succeeded: index wheels often import fine but cannot run (see ENVIRONMENT.md).
+- ``sdpa_masked``: one SDPA call over the whole packed sequence with a boolean block-diagonal
+  mask. Correct but quadratic in the total token count; kept as the baseline benchmarks use.
 - ``auto``: ``xformers`` on CUDA when the probe succeeds, else ``sdpa``.
 
 ``DINOV2_ATTENTION_BACKEND`` in the environment sets the default for new models.
@@ -27,7 +29,7 @@ from .packing import PackLayout
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+BACKENDS = ("auto", "xformers", "sdpa", "math", "sdpa_masked")
 ENV_VAR = "DINOV2_ATTENTION_BACKEND"
 
 
@@ -91,7 +93,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, layout: PackLayout, backend: str)
         return math_attention(q, k, v, layout)
     if backend == "xformers":
         return xformers_attention(q, k, v, layout)
-    raise ValueError(f"attention backend {backend!r} must be resolved first (one of sdpa, math, xformers)")
+    if backend == "sdpa_masked":
+        return masked_sdpa_attention(q, k, v, layout)
+    raise ValueError(f"attention backend {backend!r} must be resolved first (one of {', '.join(BACKENDS[1:])})")
 
 
 def _per_group(q: Tensor, k: Tensor, v: Tensor, layout: PackLayout, kernel) -> Tensor:
@@ -114,6 +118,12 @@ def _math_kernel(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackLayout) -> Tensor:
     return _per_group(q, k, v, layout, _math_kernel)
+
+
+def masked_sdpa_attention(q: Tensor, k: Tensor, v: Tensor, layout: PackLayout) -> Tensor:
+    mask = layout.block_diagonal_mask(q.device)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+    return out.transpose(0, 1)
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,68 @@
+"""Dataset wrapper whose crops are a pure function of (seed, global position).
+
+``InfiniteSampler`` hands out ``(index, position)`` keys; here the image at
+``index`` is read (skipping unreadable files, see unreadable.py) and transformed
+with randomness seeded from (seed, position). A resumed run therefore rebuilds
+exactly the same crops without restoring any worker RNG state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Tuple, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from .seeding import STREAM_AUGMENT, derive_seed
+from .unreadable import SkipUnreadable
+
+
+def _accepts_generator(transform: Callable) -> bool:
+    try:
+        return "generator" in inspect.signature(transform).parameters
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        return False
+
+
+class SSLDataset(Dataset):
+    """``dataset[(index, position)] -> (crops_dict, target)``.
+
+    ``crops_dict`` is the transform's output plus two bookkeeping entries the loader
+    uses: ``position`` (the global stream position) and ``n_skipped`` (unreadable
+    files passed over to produce this sample).
+
+    Transforms with a ``generator`` keyword (``DataAugmentationDINO``) get a private
+    ``torch.Generator`` and the global RNG is never touched. Any other transform runs
+    inside ``torch.random.fork_rng`` with the global torch seed set from
+    (seed, position); transforms drawing from ``random`` / ``np.random`` are not
+    made reproducible by that.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int = 0):
+        self.dataset = dataset if isinstance(dataset, SkipUnreadable) else SkipUnreadable(dataset)
+        self.transform = transform
+        self.seed = int(seed)
+        self._generator_kw = _accepts_generator(transform)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _transform(self, image: Any, position: int) -> Any:
+        seed = derive_seed(self.seed, STREAM_AUGMENT, position)
+        if self._generator_kw:
+            g = torch.Generator()
+            g.manual_seed(seed)
+            return self.transform(image, generator=g)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]):
+        index, position = key if isinstance(key, (tuple, list)) else (key, key)
+        (image, target), _, n_skipped = self.dataset.load(int(index))
+        crops = self._transform(image, int(position))
+        if not isinstance(crops, dict):
+            raise TypeError(f"the SSL transform must return a dict of crops, got {type(crops).__name__}")
+        crops = dict(crops, position=int(position), n_skipped=int(n_skipped))
+        return crops, target

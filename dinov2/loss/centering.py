@@ -1,0 +1,206 @@
+"""Teacher targets shared by the DINO and iBOT losses: centering and Sinkhorn-Knopp.
+
+DINOv2 (Oquab et al., 2023, "DINOv2: Learning Robust Visual Features without
+Supervision", sec. 4) turns teacher logits into target distributions in one of two ways:
+
+* softmax centering (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision
+  Transformers", sec. 3.1 and eq. 4): subtract an EMA ``c`` of the batch mean of the
+  teacher logits, then sharpen with a low temperature,
+  ``P_t = softmax((g_t(x) - c) / tau_t)``, ``c <- m c + (1 - m) mean_i g_t(x_i)``;
+* Sinkhorn-Knopp (Caron et al., 2020, "Unsupervised Learning of Visual Features by
+  Contrasting Cluster Assignments" (SwAV), sec. 3.1 and appendix A.1): the equipartitioned
+  soft assignment ``Q = Diag(u) exp(S / tau) Diag(v)`` whose prototype marginals are
+  uniform over the global batch, found by alternately normalising prototype ("row" in
+  the paper's K x B notation) and sample ("column") sums.
+
+Both need sums over the *global* batch. The helpers below all-reduce only when a process
+group with more than one process is initialised, so every loss also runs in a plain
+single process with ``torch.distributed`` never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "dist_world_size",
+    "all_reduce_",
+    "softmax_center",
+    "sinkhorn_knopp",
+    "TeacherCentering",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# "All-reduce only when distributed" helpers
+# ---------------------------------------------------------------------------------------
+def dist_world_size() -> int:
+    """World size of the default process group, or 1 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_(tensor: Tensor, op=None, async_op: bool = False):
+    """In-place all-reduce (sum by default) over the default group, only if world size > 1.
+
+    Returns the async work handle when ``async_op`` and a collective was issued, else None.
+    With one process the tensor already holds the global value, so nothing is done; this
+    is what lets the losses run without ``init_process_group``.
+    """
+    if dist_world_size() == 1:
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, async_op=async_op)
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher target maths (pure functions)
+# ---------------------------------------------------------------------------------------
+def softmax_center(teacher_logits: Tensor, center: Tensor, temp: float) -> Tensor:
+    """DINO centering + sharpening: ``softmax((teacher_logits - center) / temp, -1)``.
+
+    ``center`` broadcasts against ``teacher_logits``; it is kept in float32, so low
+    precision logits are promoted to float32 (as in the official code).
+    """
+    return F.softmax((teacher_logits - center) / temp, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: Tensor,
+    temp: float,
+    n_iterations: int = 3,
+    n_samples: Optional[Union[int, Tensor]] = None,
+) -> Tensor:
+    """Sinkhorn-Knopp soft assignments of samples to prototypes (SwAV, appendix A.1).
+
+    Args:
+        teacher_logits: ``[B_local, K]`` scores of this process's samples for K prototypes.
+        temp: temperature; ``P = exp(teacher_logits / temp)``.
+        n_iterations: number of (prototype, sample) normalisation rounds.
+        n_samples: number of samples ``B`` in the global batch (all processes). Defaults
+            to ``B_local * world_size`` (equal shards, as in DINOv2's class-token loss).
+
+    Returns:
+        ``[B_local, K]`` float32 assignments: each sample's row sums to 1 and, at the
+        fixed point, each prototype receives ``B / K`` of the global mass.
+
+    In the paper's K x B notation (``Q = P.T``) every round makes the rows (prototypes)
+    sum to 1/K -- sums all-reduced over processes, because a prototype's mass is spread over
+    the whole global batch -- then the columns (samples) sum to 1/B, which is local. A
+    final ``* B`` turns columns into distributions. Here the matrix is kept as ``[B, K]``,
+    so "prototype sums" are over dim 0 and "sample sums" over dim 1. The divisions by K and
+    B only fix the scale (the next normalisation cancels them) and are kept so the values
+    match the official implementation.
+    """
+    logits = teacher_logits.float() / temp
+    # exp(logit / temp) overflows float32 once the ratio exceeds ~88 (temp is 0.04-0.07).
+    # Subtracting a constant is exact after the first normalisation, but it must be the
+    # same constant on every rank, because prototype sums mix ranks: use the global max.
+    if logits.numel() > 0:
+        shift = logits.max().reshape(1)
+    else:  # a rank may hold no sample (e.g. no masked patch); it must still join collectives
+        shift = logits.new_full((1,), float("-inf"))
+    all_reduce_(shift, op=dist.ReduceOp.MAX)
+    Q = torch.exp(logits - shift)
+
+    if n_samples is None:
+        n_samples = Q.shape[0] * dist_world_size()
+    B = torch.as_tensor(n_samples, device=Q.device).to(torch.float32)
+    K = Q.shape[1]
+
+    total = Q.sum().reshape(1)
+    all_reduce_(total)
+    Q /= total
+    for _ in range(n_iterations):
+        per_prototype = Q.sum(dim=0, keepdim=True)  # paper: row sums, global
+        all_reduce_(per_prototype)
+        Q /= per_prototype
+        Q /= K
+        Q /= Q.sum(dim=1, keepdim=True)  # paper: column sums, local
+        Q /= B
+    Q *= B
+    return Q
+
+
+# ---------------------------------------------------------------------------------------
+# EMA center shared by DINOLoss and iBOTPatchLoss
+# ---------------------------------------------------------------------------------------
+class TeacherCentering(nn.Module):
+    """Holds the ``center`` buffer and its EMA update; base of DINOLoss / iBOTPatchLoss.
+
+    ``center <- m * center + (1 - m) * batch_center`` (DINO, eq. 4), where the batch center
+    is the mean over the global batch. The update can be split as in the official code to
+    overlap the all-reduce with the student forward: ``reduce_center_update`` launches an
+    async all-reduce and ``apply_center_update`` (called automatically by the next
+    ``softmax_center_teacher``) waits and applies it. ``update_center`` does both at once;
+    used in the usual order (center the teacher, then update) it gives exactly the same
+    targets as the split form, and the buffer is always current (checkpoints included).
+
+    The per-process sum and count are reduced together in one tensor, so the mean is exact
+    even when processes hold different numbers of samples (the official code divides by
+    ``local_count * world_size``; identical for equal shards).
+    """
+
+    def __init__(self, center_shape: tuple, center_momentum: float):
+        super().__init__()
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(center_shape))
+        # (summed stats [D + 1], async handle or None) between reduce and apply; transient
+        # by design, never part of the state dict.
+        self._pending: Optional[tuple] = None
+
+    def _center_statistics(self, teacher_output: Tensor) -> tuple[Tensor, int]:
+        """Local ``(sum of per-sample vectors [D], number of samples)``; see subclasses."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reduce_center_update(self, teacher_output: Tensor) -> None:
+        """Start the center update: local statistics + async all-reduce (if distributed)."""
+        self.apply_center_update()  # an older pending update must land first
+        local_sum, count = self._center_statistics(teacher_output)
+        # float32: a float16 all-reduce of sums over a large batch can overflow.
+        stats = torch.cat([local_sum.float().reshape(-1), local_sum.new_full((1,), count, dtype=torch.float32)])
+        handle = all_reduce_(stats, async_op=True)
+        self._pending = (stats, handle)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Finish a pending ``reduce_center_update`` (no-op when none is pending)."""
+        if self._pending is None:
+            return
+        stats, handle = self._pending
+        self._pending = None
+        if handle is not None:
+            handle.wait()
+        batch_center = (stats[:-1] / stats[-1]).to(self.center).view_as(self.center)
+        m = self.center_momentum
+        self.center.mul_(m).add_(batch_center, alpha=1 - m)
+
+    @torch.no_grad()
+    def _update_center(self, teacher_output: Tensor) -> None:
+        self.reduce_center_update(teacher_output)
+        self.apply_center_update()
+
+    @torch.no_grad()
+    def _softmax_center_teacher(self, teacher_output: Tensor, teacher_temp: float) -> Tensor:
+        self.apply_center_update()
+        # Broadcast over the last dim only, so the output keeps the input's shape.
+        return softmax_center(teacher_output, self.center.reshape(-1), teacher_temp)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A checkpoint taken between reduce and apply must not lose the reduced batch.
+        self.apply_center_update()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The loaded center supersedes an update computed before the load.
+        if self._pending is not None and self._pending[1] is not None:
+            self._pending[1].wait()
+        self._pending = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
