@@ -1,0 +1,93 @@
+"""Assemble the data side of a run from the config: dataset, multi-crop transform, masks, loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from dinov2.data import (
+    DataAugmentationDINO, ImageFolderDataset, ManifestDataset, MaskingGenerator, MNISTDemoDataset,
+    NumpyArrayDataset, make_ssl_data_loader,
+)
+
+DATASET_KINDS = ("mnist_demo", "folder:PATH", "manifest:PATH", "npy:PATH")
+
+
+def build_dataset(spec: str, in_chans: int = 3) -> Dataset:
+    """``mnist_demo`` | ``folder:PATH`` | ``manifest:PATH`` | ``npy:PATH``."""
+    mode = {1: "L", 3: "RGB"}.get(in_chans)
+    if spec == "mnist_demo":
+        return MNISTDemoDataset()
+    kind, _, path = spec.partition(":")
+    if not path:
+        raise ValueError(f"data.dataset={spec!r} is not one of {', '.join(DATASET_KINDS)}")
+    if kind in ("folder", "manifest") and mode is None:
+        raise ValueError(f"student.in_chans={in_chans}: image files give 1 or 3 channels; use npy:PATH for multi-band")
+    if kind == "folder":
+        return ImageFolderDataset(path, mode=mode)
+    if kind == "manifest":
+        return ManifestDataset(path, mode=mode)
+    if kind == "npy":
+        return NumpyArrayDataset(path)
+    raise ValueError(f"data.dataset={spec!r}: unknown kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
+
+
+def build_transform(cfg) -> DataAugmentationDINO:
+    crops = cfg.crops
+    return DataAugmentationDINO(
+        tuple(crops.global_crops_scale), tuple(crops.local_crops_scale), crops.local_crops_number,
+        global_crops_size=crops.global_crops_size, local_crops_size=crops.local_crops_size,
+        flip_p=crops.flip_p, color_jitter=tuple(crops.color_jitter), color_jitter_p=crops.color_jitter_p,
+        grayscale_p=crops.grayscale_p, blur_p=tuple(crops.blur_p), solarize_p=crops.solarize_p,
+        mean=tuple(crops.mean), std=tuple(crops.std), num_channels=cfg.student.in_chans,
+    )
+
+
+def build_mask_generator(cfg) -> tuple[MaskingGenerator, int]:
+    side = cfg.crops.global_crops_size // cfg.student.patch_size
+    n_tokens = side * side
+    return MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * n_tokens), n_tokens
+
+
+def build_train_loader(cfg, dataset: Dataset, *, start: int, rank: int = 0, world_size: int = 1):
+    mask_generator, n_tokens = build_mask_generator(cfg)
+    return make_ssl_data_loader(
+        dataset, build_transform(cfg),
+        batch_size_per_rank=cfg.train.batch_size_per_gpu, num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed, rank=rank, world_size=world_size, start=start,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max), mask_probability=cfg.ibot.mask_sample_probability,
+        n_tokens=n_tokens, mask_generator=mask_generator,
+    )
+
+
+BATCH_TENSORS = (
+    "collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight",
+    "n_masked_patches",
+)
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_TENSORS}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"compute.device={name} but CUDA is not available here; use compute.device=cpu or auto")
+    return device
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"output directory {path} is not writable: {error}") from None
+    return path

@@ -1,0 +1,199 @@
+"""Student / EMA teacher with DINO + iBOT heads and the DINOv2 objective.
+
+The student sees every crop (2 global + N local) in ONE packed backbone pass; the teacher sees
+the global crops. Loss bookkeeping follows the official recipe exactly (term counts, the
+global-crop swap, iBOT weighting), but the forward pass only computes the loss: backward,
+clipping and the optimizer belong to the trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov2.hub.weights import load_exact, load_state_dict_from, resolve_weights, Weights
+from dinov2.layers.dino_head import DINOHead
+from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.models.vision_transformer import DinoVisionTransformer, build_vit
+
+N_GLOBAL_CROPS = 2
+
+
+def build_backbone(student_cfg, img_size: int, *, with_drop_path: bool) -> DinoVisionTransformer:
+    kwargs = dict(
+        patch_size=student_cfg.patch_size, img_size=img_size, init_values=student_cfg.layerscale,
+        ffn_layer=student_cfg.ffn_layer, block_chunks=student_cfg.block_chunks, qkv_bias=student_cfg.qkv_bias,
+        proj_bias=student_cfg.proj_bias, ffn_bias=student_cfg.ffn_bias,
+        num_register_tokens=student_cfg.num_register_tokens, interpolate_antialias=student_cfg.interpolate_antialias,
+        interpolate_offset=student_cfg.interpolate_offset, in_chans=student_cfg.in_chans,
+        attention_backend=student_cfg.attention_backend,
+    )
+    for key in ("embed_dim", "depth", "num_heads"):
+        if student_cfg[key] is not None:
+            kwargs[key] = student_cfg[key]
+    if with_drop_path:
+        kwargs.update(drop_path_rate=student_cfg.drop_path_rate, drop_path_uniform=student_cfg.drop_path_uniform)
+    return build_vit(student_cfg.arch, **kwargs)
+
+
+def _head(embed_dim: int, head_cfg) -> DINOHead:
+    return DINOHead(
+        in_dim=embed_dim, out_dim=head_cfg.head_n_prototypes, hidden_dim=head_cfg.head_hidden_dim,
+        bottleneck_dim=head_cfg.head_bottleneck_dim, nlayers=head_cfg.head_nlayers,
+    )
+
+
+def _entropy(probabilities: Tensor) -> Tensor:
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1)
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.ibot_separate_head = cfg.ibot.separate_head
+        self.centering = cfg.train.centering
+        self.n_local_crops = cfg.crops.local_crops_number
+
+        backbone = build_backbone(cfg.student, cfg.crops.global_crops_size, with_drop_path=True)
+        if cfg.student.pretrained_weights:
+            location = resolve_weights(cfg.student.pretrained_weights, Weights, cfg.student.pretrained_weights)
+            load_exact(backbone, load_state_dict_from(location), location)
+        student = {"backbone": backbone, "dino_head": _head(backbone.embed_dim, cfg.dino)}
+        if self.do_ibot and self.ibot_separate_head:
+            student["ibot_head"] = _head(backbone.embed_dim, cfg.ibot)
+        self.student = nn.ModuleDict(student)
+
+        # The teacher is the student without stochastic depth, starting from the same weights.
+        teacher_backbone = build_backbone(cfg.student, cfg.crops.global_crops_size, with_drop_path=False)
+        teacher_backbone.load_state_dict(backbone.state_dict())
+        teacher = {"backbone": teacher_backbone}
+        teacher.update({k: copy.deepcopy(v) for k, v in student.items() if k != "backbone"})
+        self.teacher = nn.ModuleDict(teacher)
+        self.teacher.requires_grad_(False)
+
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> "SSLMetaArch":
+        super().train(mode)
+        self.teacher.eval()  # the EMA teacher never uses stochastic depth
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        return self.student.backbone.embed_dim
+
+    # ------------------------------------------------------------------ teacher
+    def _ibot_head(self, model: nn.ModuleDict) -> nn.Module:
+        return model["ibot_head"] if self.ibot_separate_head else model["dino_head"]
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None, dict]:
+        """Centred, sharpened teacher distributions: ``[2, B, K]`` for the class tokens (crop order
+        swapped, so each student global crop is matched with the OTHER teacher crop) and
+        ``[n_masked, K]`` for the masked patches."""
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        cls_first, cls_second = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
+        cls_tokens = torch.cat((cls_second, cls_first))
+        cls_logits = self.teacher.dino_head(cls_tokens)
+        patch_logits = None
+        if self.do_ibot:
+            masked_tokens = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
+            patch_logits = self._ibot_head(self.teacher)(masked_tokens)
+
+        if self.centering == "centering":
+            cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp=teacher_temp)
+            self.dino_loss.update_center(cls_logits)
+            patch_targets = None
+            if patch_logits is not None:
+                patch_targets = self.ibot_patch_loss.softmax_center_teacher(patch_logits, teacher_temp=teacher_temp)
+                self.ibot_patch_loss.update_center(patch_logits)
+        else:
+            cls_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp=teacher_temp)
+            patch_targets = None
+            if patch_logits is not None:
+                patch_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                    patch_logits, teacher_temp=teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"]
+                )
+        cls_targets = cls_targets.view(N_GLOBAL_CROPS, -1, cls_targets.shape[-1])
+        monitors = {
+            # Collapse to one prototype: batch-mean entropy -> 0; uniform collapse: per-sample entropy -> log K.
+            "teacher_entropy": _entropy(cls_targets.float()).mean(),
+            "teacher_batch_entropy": _entropy(cls_targets.float().flatten(0, 1).mean(0)),
+            "dino_center_norm": self.dino_loss.center.norm(),
+        }
+        return cls_targets, patch_targets, monitors
+
+    # ------------------------------------------------------------------ student + losses
+    def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (to backpropagate) and a dict of detached loss terms and collapse monitors."""
+        cls_targets, patch_targets, monitors = self.teacher_targets(batch, teacher_temp)
+        global_out, local_out = self.student.backbone(
+            [batch["collated_global_crops"], batch["collated_local_crops"]],
+            masks=[batch["collated_masks"], None], is_training=True,
+        )
+        global_cls = global_out["x_norm_clstoken"]
+        head_inputs = [local_out["x_norm_clstoken"], global_cls]
+        masked_patches = None
+        if self.do_ibot:
+            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
+            if not self.ibot_separate_head:
+                head_inputs.append(masked_patches)
+        # One head call on all tokens that share the DINO head.
+        head_out = self.student.dino_head(torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs])
+        local_logits, global_logits = head_out[0], head_out[1]
+        if self.do_ibot:
+            patch_logits = head_out[2] if not self.ibot_separate_head else self.student.ibot_head(masked_patches)
+
+        n_loss_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS + self.n_local_crops * N_GLOBAL_CROPS
+        terms: dict[str, Tensor] = {}
+        total = global_cls.new_zeros(())
+        if self.n_local_crops > 0:
+            terms["dino_local_crops_loss"] = self.dino_loss(
+                local_logits.chunk(self.n_local_crops), list(cls_targets.unbind(0))
+            ) / n_loss_terms
+            total = total + self.cfg.dino.loss_weight * terms["dino_local_crops_loss"]
+        if self.do_dino:
+            # Both global crops in one term (the teacher order is swapped), counted twice.
+            terms["dino_global_crops_loss"] = self.dino_loss([global_logits], [cls_targets.flatten(0, 1)]) * 2 / n_loss_terms
+            total = total + self.cfg.dino.loss_weight * terms["dino_global_crops_loss"]
+        if self.do_koleo:
+            koleo = self.cfg.dino.koleo_loss_weight * sum(self.koleo_loss(p) for p in global_cls.chunk(N_GLOBAL_CROPS))
+            terms["koleo_loss"] = koleo / N_GLOBAL_CROPS
+            total = total + koleo
+        if self.do_ibot:
+            ibot = self.ibot_patch_loss.forward_masked(
+                patch_logits, patch_targets, student_masks_flat=batch["collated_masks"],
+                n_masked_patches=patch_logits.shape[0], masks_weight=batch["masks_weight"],
+            )
+            terms["ibot_loss"] = ibot / N_GLOBAL_CROPS
+            total = total + self.cfg.ibot.loss_weight * ibot
+
+        with torch.no_grad():
+            normalised = F.normalize(global_cls.float(), dim=-1)
+            monitors["student_feature_std"] = normalised.std(dim=0).mean()
+            monitors["ibot_center_norm"] = self.ibot_patch_loss.center.norm()
+        logs = {k: v.detach() for k, v in {**terms, **monitors}.items()}
+        logs["total_loss"] = total.detach()
+        return total, logs
+
+    # ------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, on local shards (no gather)."""
+        teacher_params, student_params = [], []
+        for name in self.teacher.keys():
+            for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters()):
+                teacher_params.append(t.to_local() if hasattr(t, "to_local") else t)
+                student_params.append(s.to_local() if hasattr(s, "to_local") else s)
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
