@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dinov2.cli.demo --output-dir outputs/demo
+	$(PY) -m dinov2.cli.demo --output-dir outputs/demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

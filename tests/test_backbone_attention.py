@@ -5,7 +5,7 @@ import torch
 
 from dinov2.layers import Attention, PackLayout, pack
 from dinov2.layers.attention_backends import (
-    attention, math_attention, resolve_backend, sdpa_attention, xformers_works_on,
+    attention, masked_sdpa_attention, math_attention, resolve_backend, sdpa_attention, xformers_works_on,
 )
 
 
@@ -28,7 +28,7 @@ def _qkv(requires_grad=False):
     return [torch.randn(LAYOUT.total_tokens, 3, 8, generator=g, requires_grad=requires_grad) for _ in range(3)]
 
 
-@pytest.mark.parametrize("kernel", [math_attention, sdpa_attention])
+@pytest.mark.parametrize("kernel", [math_attention, sdpa_attention, masked_sdpa_attention])
 def test_backend_matches_per_image_reference(kernel):
     q, k, v = _qkv()
     want = reference_attention(q, k, v, LAYOUT.sequence_lengths)
@@ -37,13 +37,14 @@ def test_backend_matches_per_image_reference(kernel):
 
 def test_sdpa_gradients_match_math():
     grads = {}
-    for backend in ("math", "sdpa"):
+    for backend in ("math", "sdpa", "sdpa_masked"):
         q, k, v = _qkv(requires_grad=True)
         out = attention(q, k, v, LAYOUT, backend)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads[backend] = [t.grad for t in (q, k, v)]
-    for a, b in zip(grads["math"], grads["sdpa"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for backend in ("sdpa", "sdpa_masked"):
+        for a, b in zip(grads["math"], grads[backend]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_packed_tokens_never_attend_across_images():
@@ -82,7 +83,7 @@ def test_xformers_matches_math_on_cuda():
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("backend", ["math", "sdpa"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "sdpa_masked"])
 def test_attention_module_packed_equals_dense_per_crop(backend):
     torch.manual_seed(0)
     module = Attention(32, num_heads=4, qkv_bias=True, backend=backend)

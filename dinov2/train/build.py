@@ -12,14 +12,17 @@ from dinov2.data import (
     NumpyArrayDataset, make_ssl_data_loader,
 )
 
-DATASET_KINDS = ("mnist_demo", "folder:PATH", "manifest:PATH", "npy:PATH")
+DATASET_KINDS = ("mnist_demo", "mnist_demo:train", "folder:PATH", "manifest:PATH", "npy:PATH")
 
 
 def build_dataset(spec: str, in_chans: int = 3) -> Dataset:
-    """``mnist_demo`` | ``folder:PATH`` | ``manifest:PATH`` | ``npy:PATH``."""
+    """``mnist_demo`` (all 5,000) | ``mnist_demo:train`` (without the held-out split) |
+    ``folder:PATH`` | ``manifest:PATH`` | ``npy:PATH``."""
     mode = {1: "L", 3: "RGB"}.get(in_chans)
     if spec == "mnist_demo":
         return MNISTDemoDataset()
+    if spec == "mnist_demo:train":
+        return MNISTDemoDataset("train")
     kind, _, path = spec.partition(":")
     if not path:
         raise ValueError(f"data.dataset={spec!r} is not one of {', '.join(DATASET_KINDS)}")
