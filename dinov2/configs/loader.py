@@ -24,6 +24,10 @@ _CHOICES = {
     "student.arch": ("vit_small", "vit_base", "vit_large", "vit_giant2"),
     "student.ffn_layer": ("mlp", "swiglu", "swiglufused", "identity"),
     "student.attention_backend": ("auto", "xformers", "sdpa", "math", "sdpa_masked"),
+    "distributed.launcher": ("auto", "torchrun", "slurm", "single"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+    "distributed.param_dtype": ("fp32", "bf16", "fp16"),
+    "distributed.reduce_dtype": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -65,6 +69,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     if cfg.train.batch_size_per_gpu < 1:
         raise ConfigError(f"train.batch_size_per_gpu must be >= 1, got {cfg.train.batch_size_per_gpu}")
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_size < 1:
+        raise ConfigError(f"train.global_batch_size must be >= 1, got {cfg.train.global_batch_size}")
+    if cfg.distributed.timeout_minutes <= 0:
+        raise ConfigError(f"distributed.timeout_minutes must be > 0, got {cfg.distributed.timeout_minutes}")
+    if cfg.distributed.replicate_degree < 1:
+        raise ConfigError(f"distributed.replicate_degree must be >= 1, got {cfg.distributed.replicate_degree}")
     if cfg.compute.grad_accum_steps < 1:
         raise ConfigError(f"compute.grad_accum_steps must be >= 1, got {cfg.compute.grad_accum_steps}")
     if cfg.crops.global_crops_size % cfg.student.patch_size or cfg.crops.local_crops_size % cfg.student.patch_size:

@@ -109,6 +109,9 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite_steps: int = 10  # stop after this many skipped non-finite steps
     max_steps: Optional[int] = None  # stop early (e.g. a demo); schedules still span optim.epochs
+    # When set, batch_size_per_gpu is derived as global_batch_size / (world size * grad_accum_steps)
+    # (an error if that does not divide), so one recipe keeps its global batch on any world size.
+    global_batch_size: Optional[int] = None
 
 
 @dataclass
@@ -131,11 +134,16 @@ class ComputeConfig:
 class CheckpointConfig:
     every_n_steps: int = 1000
     keep_last: int = 3
+    # Stage the state to CPU and write it in a background thread (dcp.async_save) while training
+    # goes on; the checkpoint appears (atomically) when the write completes.
+    async_save: bool = False
 
 
 @dataclass
 class LoggingConfig:
-    every_n_steps: int = 10
+    # Losses and collapse monitors are computed every step; writing them costs one host sync,
+    # so the GPU recipes write every 10 steps.
+    every_n_steps: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -143,6 +151,24 @@ class LoggingConfig:
 @dataclass
 class EvaluationConfig:
     knn_every_n_steps: int = 0  # 0 disables kNN during training (needs a labelled dataset)
+
+
+@dataclass
+class DistributedConfig:
+    # How the processes were started: auto (reads which variables are set: torchrun's RANK/WORLD_SIZE/
+    # MASTER_ADDR/MASTER_PORT, then SLURM_PROCID/SLURM_NTASKS with more than one task; logs its pick),
+    # torchrun, slurm (srun tasks, one per GPU) or single (one process, no process group).
+    launcher: str = "auto"
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # Rendezvous and every collective: a dead or stuck rank fails the job after this long.
+    timeout_minutes: float = 30.0
+    # slurm launcher only: MASTER_PORT if set, else this, else 20000 + SLURM_JOB_ID % 40000.
+    master_port: Optional[int] = None
+    # HSDP: replicate over this many groups and shard within each (1 = plain FSDP over all ranks).
+    replicate_degree: int = 1
+    reshard_after_forward: bool = True  # student only; the teacher (no backward) always reshards
+    param_dtype: str = "fp32"  # FSDP2 MixedPrecisionPolicy: fp32 | bf16 | fp16
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype: fp32 | bf16 | fp16
 
 
 @dataclass
@@ -159,3 +185,4 @@ class SSLConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
