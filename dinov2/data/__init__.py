@@ -7,7 +7,8 @@ from .collate import collate_data_and_cast
 from .datasets import ImageFolderDataset, ManifestDataset, NumpyArrayDataset, image_extensions, load_image
 from .loaders import SSLCollate, SSLDataLoader, make_ssl_data_loader
 from .masking import MaskingGenerator
-from .mnist import MNIST_MEAN, MNIST_STD, MNISTDemoDataset, load_mnist_demo_arrays, mnist_demo_split
+from .mnist import MNIST_MEAN, MNIST_STD, MNISTDemoDataset, load_mnist_demo_arrays
+from .splits import stratified_split
 from .samplers import InfiniteSampler
 from .seeding import derive_seed, numpy_rng, torch_generator
 from .ssl_dataset import SSLDataset
@@ -36,7 +37,7 @@ __all__ = [
     "load_image",
     "load_mnist_demo_arrays",
     "make_ssl_data_loader",
-    "mnist_demo_split",
     "numpy_rng",
+    "stratified_split",
     "torch_generator",
 ]

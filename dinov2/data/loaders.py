@@ -1,10 +1,12 @@
 """The SSL training DataLoader: infinite, sharded, exactly resumable.
 
 Everything random in a batch is a function of (seed, global stream position): the
-sampler's permutation, every crop (``SSLDataset``) and the iBOT masks (seeded here
-from the position of the batch's first sample). A loader built with
+sampler's permutation, every crop (``SSLDataset``) and the iBOT masks (the official
+rule applied to the GLOBAL batch, seeded from its first position; see
+``global_batch_masks``). A loader built with
 ``start = steps_done * batch_size_per_rank * world_size`` therefore yields bitwise
-the batches the uninterrupted run would have, with any number of workers.
+the batches the uninterrupted run would have, with any number of workers, and the
+global batch (crops and masks) is the same whether 1 rank or W ranks share it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
-from .collate import collate_data_and_cast
+from .collate import assemble_batch, global_batch_masks, stack_crops
 from .masking import MaskingGenerator
 from .samplers import InfiniteSampler
-from .seeding import STREAM_MASK, numpy_rng, torch_generator
+from .seeding import STREAM_MASK, STREAM_MASK_SHAPE, numpy_rng, torch_generator
 from .ssl_dataset import SSLDataset
 
 # Tag for the generator DataLoader uses to seed its workers; giving it one keeps
@@ -26,15 +28,19 @@ _STREAM_LOADER = 3
 
 
 class SSLCollate:
-    """Picklable collate: ``collate_data_and_cast`` with masks seeded per batch.
+    """Picklable collate: the ``collate_data_and_cast`` batch of this rank's samples, with the
+    masks the official rule gives them within the global batch (``global_batch_masks``).
 
     Adds ``positions`` (LongTensor [B], global stream positions), ``targets``
     (LongTensor [B]) and ``n_skipped`` (unreadable files passed over for the batch).
     """
 
     def __init__(self, seed: int, mask_ratio_tuple: Tuple[float, float], mask_probability: float,
-                 dtype: torch.dtype, n_tokens: Optional[int], mask_generator: Optional[MaskingGenerator]):
+                 dtype: torch.dtype, n_tokens: Optional[int], mask_generator: Optional[MaskingGenerator],
+                 rank: int = 0, world_size: int = 1):
         self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self.mask_ratio_tuple = tuple(mask_ratio_tuple)
         self.mask_probability = float(mask_probability)
         self.dtype = dtype
@@ -43,10 +49,24 @@ class SSLCollate:
 
     def __call__(self, samples: Sequence[Tuple[Dict[str, Any], Any]]) -> Dict[str, Any]:
         positions = [int(s[0]["position"]) for s in samples]
-        # The first position identifies the batch (on its rank) for the run's lifetime.
-        rng = numpy_rng(self.seed, STREAM_MASK, positions[0])
-        batch = collate_data_and_cast(samples, self.mask_ratio_tuple, self.mask_probability, self.dtype,
-                                      n_tokens=self.n_tokens, mask_generator=self.mask_generator, rng=rng)
+        # The sampler gives rank r the positions start + r + W*i of the global batch [start, start + W*B):
+        # its first position minus the rank identifies the global batch for the run's lifetime.
+        batch_size = len(samples) * self.world_size
+        start = positions[0] - self.rank
+        global_crops, local_crops = stack_crops(samples)
+        n_global = len(global_crops) // len(samples)
+        # Crop-major slots as in a single-rank batch of the whole global batch: (crop c, sample at offset o).
+        slots = [c * batch_size + p - start for c in range(n_global) for p in positions]
+
+        def rng_for(mask: Optional[int]):
+            if mask is None:
+                return numpy_rng(self.seed, STREAM_MASK, start)
+            return numpy_rng(self.seed, STREAM_MASK_SHAPE, start, mask)
+
+        masks, upperbound = global_batch_masks(slots, n_global * batch_size, self.mask_ratio_tuple,
+                                               self.mask_probability, self.n_tokens, self.mask_generator, rng_for)
+        n_tokens = self.n_tokens if self.n_tokens is not None else getattr(self.mask_generator, "num_patches", 0)
+        batch = assemble_batch(global_crops, local_crops, masks, n_tokens, upperbound, self.dtype)
         batch["positions"] = torch.tensor(positions, dtype=torch.long)
         batch["targets"] = torch.tensor([int(s[1]) for s in samples], dtype=torch.long)
         batch["n_skipped"] = sum(int(s[0].get("n_skipped", 0)) for s in samples)
@@ -116,7 +136,8 @@ def make_ssl_data_loader(
     ssl_dataset = SSLDataset(dataset, transform, seed=seed)
     sampler = InfiniteSampler(len(ssl_dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                               start=start)
-    collate = SSLCollate(seed, mask_ratio_tuple, mask_probability, dtype, n_tokens, mask_generator)
+    collate = SSLCollate(seed, mask_ratio_tuple, mask_probability, dtype, n_tokens, mask_generator,
+                         rank=rank, world_size=world_size)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     extra = {}

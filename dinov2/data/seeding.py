@@ -20,6 +20,7 @@ import torch
 STREAM_EPOCH = 0
 STREAM_AUGMENT = 1
 STREAM_MASK = 2
+STREAM_MASK_SHAPE = 4  # one iBOT mask of a global batch (3 is the DataLoader's worker seeding)
 
 RNGLike = Union[np.random.Generator, random.Random]
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from dinov2.data.splits import stratified_split
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -242,29 +243,6 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
     if hasattr(ds, "targets"):
         return np.asarray(ds.targets, dtype=np.int64)
     raise DataError(f"cannot read labels of {type(ds).__name__} without a 'targets' attribute")
-
-
-def stratified_split(
-    labels: Sequence[int], val_fraction: float, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split; every class with >= 2 samples gets at least one in each part.
-
-    Same draws as the demo's ``dinov2.data.mnist_demo_split``, so ``--data mnist`` with the
-    default fraction and seed holds out exactly the digits the demo's trainer holds out.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = int(round(len(idx) * val_fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def subsample(ds: Dataset, limit: int | None, seed: int = 0) -> Dataset:

@@ -19,10 +19,11 @@ def plot_loss_curve(run_dir: str | Path, out_path: str | Path) -> Path:
     if not rows:
         raise ValueError(f"{run_dir} has no metrics to plot")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    steps = [r["step"] for r in rows]
     for key in CURVES:
-        if key in rows[0]:
-            ax.plot(steps, [r[key] for r in rows], label=key, linewidth=2 if key == "total_loss" else 1)
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=key, linewidth=2 if key == "total_loss" else 1)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("DINOv2 training losses")
