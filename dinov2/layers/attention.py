@@ -3,7 +3,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .attention_backends import attention, default_backend, resolve_backend, validate_backend
-from .packing import PackLayout
+from .packing import PackLayout, as_packed
 
 
 class Attention(nn.Module):
@@ -37,12 +37,7 @@ class Attention(nn.Module):
         self.backend = validate_backend(backend or default_backend())
 
     def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
-        dense_shape = x.shape if x.dim() == 3 else None
-        if dense_shape is not None:
-            layout = PackLayout.dense(x.shape[0], x.shape[1])
-            x = x.flatten(0, 1)
-        elif layout is None:
-            raise ValueError("packed [T, D] input needs a PackLayout")
+        x, layout, dense_shape = as_packed(x, layout)
         tokens, dim = x.shape
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
         out = attention(q, k, v, layout, resolve_backend(self.backend, x.device))

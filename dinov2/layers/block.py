@@ -8,7 +8,7 @@ from .attention import Attention
 from .drop_path import SUBSET_DROP_THRESHOLD, add_residual_on_kept_subset, drop_path_per_image
 from .layer_scale import LayerScale
 from .mlp import Mlp
-from .packing import PackLayout
+from .packing import PackLayout, as_packed
 
 
 class Block(nn.Module):
@@ -56,13 +56,7 @@ class Block(nn.Module):
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
-        dense_shape = x.shape if x.dim() == 3 else None
-        if dense_shape is not None:
-            layout = PackLayout.dense(x.shape[0], x.shape[1])
-            x = x.flatten(0, 1)
-        elif layout is None:
-            raise ValueError("packed [T, D] input needs a PackLayout")
-
+        x, layout, dense_shape = as_packed(x, layout)
         rate = self.sample_drop_ratio if self.training else 0.0
         for branch in (self._attn_branch, self._ffn_branch):
             if rate > SUBSET_DROP_THRESHOLD:

@@ -98,3 +98,15 @@ def pack(sequences: Sequence[Tensor]) -> tuple[Tensor, PackLayout]:
             raise ValueError(f"tensor {i} to pack must be [batch, tokens, dim], got shape {tuple(seq.shape)}")
     layout = PackLayout(tuple((int(s.shape[0]), int(s.shape[1])) for s in sequences))
     return torch.cat([s.flatten(0, 1) for s in sequences], dim=0), layout
+
+
+def as_packed(x: Tensor, layout: PackLayout | None) -> tuple[Tensor, PackLayout, torch.Size | None]:
+    """Accept a dense ``[B, N, D]`` batch or packed ``[T, D]`` tokens with their layout.
+
+    Returns packed tokens, their layout and the dense shape to restore (None if none).
+    """
+    if x.dim() == 3:
+        return x.flatten(0, 1), PackLayout.dense(x.shape[0], x.shape[1]), x.shape
+    if layout is None:
+        raise ValueError("packed [T, D] input needs a PackLayout")
+    return x, layout, None
