@@ -1,3 +1,3 @@
-from .manager import CheckpointManager
+from .manager import CheckpointManager, CheckpointMismatchError, check_fits, read_metadata
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "check_fits", "read_metadata"]

@@ -4,6 +4,10 @@ A checkpoint is a directory ``step_{N:09d}`` holding DCP shards. It is written u
 temporary name and renamed only when complete, so a run killed during a save still has the
 previous checkpoint; the last ``keep_last`` are kept. DCP works without a process group (one
 process) and with one (each rank writes its shards), and reloads on another world size.
+
+With ``async_save`` the state is staged to CPU memory and written by a background thread
+(``dcp.async_save``, on a gloo group of its own so its collectives never interleave with the
+training's); the rename happens at the next save or at ``wait()``. At most one save is in flight.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import logging
 import re
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -21,14 +26,23 @@ import torch.distributed.checkpoint as dcp
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{9})$")
+_PARTIAL = re.compile(r"^\.step_(\d{9})\.partial$")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by another architecture or config."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return not _distributed() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed() and dist.get_world_size() > 1:
         dist.barrier()
 
 
@@ -41,15 +55,59 @@ def _quiet():
     return context
 
 
+def read_metadata(path: str | Path):
+    """DCP metadata of a checkpoint: ``.state_dict_metadata`` maps each flattened key
+    (``model.teacher.backbone.cls_token``, ``rng.rank_0.torch``...) to its size and dtype."""
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+    return dcp.FileSystemReader(str(path)).read_metadata()
+
+
+def _listing(items: list[str]) -> str:
+    return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+
+def check_fits(state: dict[str, Any], metadata, path: str | Path, sections: Iterable[str] = ("model",)) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor of
+    the flat ``state[section]`` dicts (e.g. ``state["model"]``) against the checkpoint."""
+    problems = []
+    for section in sections:
+        wanted = state.get(section, {})
+        prefix = f"{section}."
+        saved = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
+        missing = sorted(set(wanted) - set(saved))
+        unexpected = sorted(set(saved) - set(wanted))
+        mismatched = [
+            f"{k}: checkpoint {tuple(saved[k].size)} vs run {tuple(v.shape)}"
+            for k, v in wanted.items()
+            if k in saved and hasattr(v, "shape") and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)
+        ]
+        if missing:
+            problems.append(f"{section} keys missing from the checkpoint: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"{section} keys in the checkpoint but not in this run: {_listing(unexpected)}")
+        if mismatched:
+            problems.append(f"{section} shape mismatches: {_listing(mismatched)}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written by another architecture or config: " + "; ".join(problems)
+        )
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3) -> None:
+    def __init__(self, directory: str | Path, keep_last: int = 3, async_save: bool = False) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending: tuple[Path, Path, Future] | None = None
+        # new_group is collective: every rank constructs the manager at the same point.
+        self._async_group = dist.new_group(backend="gloo") if async_save and _distributed() else None
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints in this process's view of the directory, oldest first."""
         if not self.directory.is_dir():
             return []
         found = []
@@ -60,10 +118,20 @@ class CheckpointManager:
         return sorted(found)
 
     def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint. With a process group, rank 0's view is broadcast, so all
+        ranks resume from the same one even where a shared filesystem shows a new rename late
+        (collective: every rank must call it)."""
         found = self.checkpoints()
-        return found[-1] if found else None
+        choice = [found[-1] if found else None]
+        if _distributed() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
+    # ------------------------------------------------------------------ save
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` as ``step_{step}`` (collective). Returns the final path; with async_save it
+        appears when the background write completes (see ``wait``)."""
+        self.wait()
         final = self.directory / f"step_{step:09d}"
         temporary = self.directory / f".step_{step:09d}.partial"
         if _is_rank_zero():
@@ -72,25 +140,49 @@ class CheckpointManager:
         _barrier()
         context = _quiet()
         try:
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(temporary), process_group=self._async_group)
+                self._pending = (temporary, final, future)
+                return final
             dcp.save(state, checkpoint_id=str(temporary))
         finally:
             context.__exit__(None, None, None)
-        _barrier()
+        self._publish(temporary, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish an in-flight async save: wait for the write, then publish it (collective)."""
+        if self._pending is None:
+            return
+        temporary, final, future = self._pending
+        self._pending = None
+        future.result()
+        self._publish(temporary, final)
+
+    def _publish(self, temporary: Path, final: Path) -> None:
+        _barrier()  # every rank has written its shards (rank 0 wrote .metadata last)
         if _is_rank_zero():
             if final.exists():
                 shutil.rmtree(final)
             temporary.rename(final)  # atomic on one filesystem: a checkpoint is whole or absent
             for _, old in self.checkpoints()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+            for stale in self.directory.iterdir():  # left by runs killed during a save
+                if _PARTIAL.match(stale.name):
+                    shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         logger.info("saved checkpoint %s", final)
-        return final
 
-    def load(self, state: dict[str, Any], path: str | Path) -> None:
-        """Fill ``state`` (same structure as saved; tensors are loaded in place) from ``path``."""
+    # ------------------------------------------------------------------ load
+    def load(self, state: dict[str, Any], path: str | Path, strict_sections: Iterable[str] = ("model",)) -> None:
+        """Fill ``state`` (same structure as saved; tensors are loaded in place) from ``path``.
+
+        Every key of ``state`` must be in the checkpoint (ask only for what it has, see
+        ``read_metadata``); for ``strict_sections`` the checkpoint must also hold nothing more, and
+        shapes must agree: otherwise a :class:`CheckpointMismatchError` names the keys.
+        """
         path = Path(path)
-        if not (path / ".metadata").exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+        check_fits(state, read_metadata(path), path, strict_sections)
         context = _quiet()
         try:
             dcp.load(state, checkpoint_id=str(path))

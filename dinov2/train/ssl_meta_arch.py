@@ -116,7 +116,9 @@ class SSLMetaArch(nn.Module):
             patch_targets = None
             if patch_logits is not None:
                 patch_targets = self.ibot_patch_loss.softmax_center_teacher(patch_logits, teacher_temp=teacher_temp)
-                self.ibot_patch_loss.update_center(patch_logits)
+                # [M, 1, K]: every masked token counts once in the global mean, however the tokens are
+                # split over ranks (the official code averages per-rank means, which depends on the split).
+                self.ibot_patch_loss.update_center(patch_logits.unsqueeze(1))
         else:
             cls_targets = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp=teacher_temp)
             patch_targets = None

@@ -1,0 +1,193 @@
+"""`dinov2-curate`: build a pretraining set from an uncurated image pool.
+
+    dinov2-curate embed     --images DIR|LIST --backbone dinov2_vits14 --output-dir D [--shard i/n]
+    dinov2-curate dedup     --embeddings E.npy --k K --threshold T --output-dir D
+    dinov2-curate dedup     --embeddings E.npy --against R.npy --threshold T --output-dir D
+    dinov2-curate retrieve  --embeddings E.npy --queries Q.npy --k K --output-dir D
+    dinov2-curate kmeans    --embeddings E.npy --levels 3 --clusters 10000,1000,100 --output-dir D
+    dinov2-curate sample    --clusters-dir D --target N --output-dir D2
+    dinov2-curate manifest  --paths paths.txt --select selected.npy [--select keep.npy] --output M
+    dinov2-curate run       --config configs/curation/default.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .arrays import CurationInputError
+
+PROG = "dinov2-curate"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 10000,1000,100, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from .embed import parse_shard
+
+    try:
+        return parse_shard(text)
+    except CurationInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_index_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FAISS index")
+    group.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact, default), IVF4096,Flat, HNSW32, IVF4096,PQ32 ...")
+    group.add_argument("--search-params", default="", help='e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW)')
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="GPU when faiss-gpu and a GPU are present (auto)")
+    group.add_argument("--train-size", type=int, default=200_000, help="rows used to train IVF/PQ indexes")
+    group.add_argument("--recall-sample", type=int, default=1000, help="queries for the recall-vs-exact report of approximate indexes (0: skip)")
+    group.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk (memory bound, resume granularity)")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def _index_kwargs(args) -> dict:
+    return dict(
+        factory=args.factory, search_params=args.search_params, device=args.device, train_size=args.train_size,
+        recall_sample=args.recall_sample, seed=args.seed, chunk_rows=args.chunk_rows, progress=not args.quiet,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("embed", help="embed images with a backbone -> embeddings.npy, paths.txt, errors.txt")
+    p.add_argument("--images", required=True, help="folder of images (recursive) or list file (one path a line)")
+    p.add_argument("--backbone", default="dinov2_vits14", help="hub backbone name (default dinov2_vits14)")
+    p.add_argument("--weights", default="LVD142M", help="LVD142M (released), a local .pth, a file:// URL, or 'random'")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--shard", type=_shard, default=None, help="embed only shard i of n (e.g. 0/4); shards merge when all are done")
+    p.add_argument("--image-size", type=int, default=224, help="center-crop size (multiple of 14)")
+    p.add_argument("--resize-size", type=int, default=256, help="shorter side before the crop")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
+
+    p = sub.add_parser("dedup", help="self-dedup (--k) or relative dedup (--against) -> keep.npy")
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--threshold", type=float, required=True, help="cosine similarity in [-1, 1]")
+    p.add_argument("--k", type=int, help="self-dedup: neighbours per row in the similarity graph")
+    p.add_argument("--against", action="append", help="relative dedup: reference embeddings .npy (repeatable)")
+    p.add_argument("--output-dir", required=True)
+    _add_index_options(p)
+
+    p = sub.add_parser("retrieve", help="pool rows nearest to curated queries -> neighbors/similarities/selected.npy")
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--queries", required=True)
+    p.add_argument("--k", type=int, help="sample-based: nearest pool rows per query")
+    p.add_argument("--clusters", type=int, help="cluster-based: k-means clusters of the pool")
+    p.add_argument("--per-cluster", type=int, help="cluster-based: rows taken from each cluster holding a query")
+    p.add_argument("--niter", type=int, default=20, help="k-means iterations (cluster-based)")
+    p.add_argument("--output-dir", required=True)
+    _add_index_options(p)
+
+    p = sub.add_parser("kmeans", help="hierarchical k-means with resampling -> level{l}_{centroids,assignment,distances}.npy")
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--clusters", type=_int_list, required=True, help="clusters per level, level 1 first: 10000,1000,100")
+    p.add_argument("--levels", type=int, help="number of levels (must match --clusters)")
+    p.add_argument("--rows", help="cluster only these rows (.npy of row indices, e.g. dedup keep.npy)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--niter", type=int, default=20)
+    p.add_argument("--resampling-steps", type=int, default=5)
+    p.add_argument("--sample-size", type=int, default=10, help="points per cluster kept by a resampling step")
+    p.add_argument("--strategy", choices=["closest", "random"], default="closest", help="how resampling picks points")
+    p.add_argument("--init", choices=["auto", "kmeans++", "random"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+
+    p = sub.add_parser("sample", help="balanced hierarchical sampling -> selected.npy")
+    p.add_argument("--clusters-dir", required=True, help="output folder of `kmeans`")
+    p.add_argument("--target", type=int, required=True, help="rows to select")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--strategy", choices=["random", "closest"], default="random")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("manifest", help="paths of the selected rows -> manifest (one path a line)")
+    p.add_argument("--paths", required=True, help="paths.txt from `embed`")
+    p.add_argument("--select", action="append", required=True, help="row-index .npy (repeatable: rows in all of them)")
+    p.add_argument("--output", required=True)
+
+    p = sub.add_parser("run", help="the whole chain from one YAML config")
+    p.add_argument("--config", required=True, help="YAML file, or the name of a shipped one (default)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. embed.images=/data self_dedup.threshold=0.95")
+    return parser
+
+
+def _dispatch(args) -> str:
+    from . import stages  # imported here so that --help answers at once
+
+    progress = not args.quiet
+    if args.command == "embed":
+        result = stages.embed_stage(
+            args.images, args.output_dir, backbone=args.backbone, weights=args.weights, shard=args.shard,
+            image_size=args.image_size, resize_size=args.resize_size, batch_size=args.batch_size,
+            num_workers=args.num_workers, device=args.device, dtype=args.dtype, part_size=args.part_size,
+            progress=progress,
+        )
+    elif args.command == "dedup":
+        if (args.k is None) == (args.against is None):
+            raise CurationInputError("dedup needs either --k K (self-dedup) or --against R.npy (relative dedup)")
+        if args.k is not None:
+            result = stages.self_dedup_stage(args.embeddings, args.output_dir, k=args.k, threshold=args.threshold, **_index_kwargs(args))
+        else:
+            result = stages.relative_dedup_stage(args.embeddings, args.against, args.output_dir, threshold=args.threshold, **_index_kwargs(args))
+    elif args.command == "retrieve":
+        result = stages.retrieve_stage(
+            args.embeddings, args.queries, args.output_dir, k=args.k, clusters=args.clusters,
+            per_cluster=args.per_cluster, niter=args.niter, **_index_kwargs(args),
+        )
+    elif args.command == "kmeans":
+        result = stages.kmeans_stage(
+            args.embeddings, args.output_dir, clusters=args.clusters, levels=args.levels, rows_path=args.rows,
+            niter=args.niter, resampling_steps=args.resampling_steps,
+            sample_sizes=[args.sample_size] * len(args.clusters), strategy=args.strategy, init=args.init,
+            seed=args.seed, device=args.device, progress=progress,
+        )
+    elif args.command == "sample":
+        result = stages.sample_stage(args.clusters_dir, args.output_dir, target=args.target, strategy=args.strategy, seed=args.seed)
+    elif args.command == "manifest":
+        result = stages.manifest_stage(args.paths, args.select, args.output)
+    else:  # run
+        from .config import load_config
+        from .pipeline import run_pipeline
+
+        cfg = load_config(args.config, args.overrides)
+        if args.quiet:
+            cfg.progress = False
+        summary = run_pipeline(cfg)
+        return f"run: manifest written to {summary['manifest']}\n" + json.dumps(summary["stages"], indent=2)
+    message = result.describe()
+    if result.summary.get("merged"):
+        message += f"\n{result.summary['merged']}"
+    return message
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
+    try:
+        print(_dispatch(args))
+    except CurationInputError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Near-duplicate removal (DINOv2 paper, section 3 / appendix A).
+
+Self-dedup: a k-NN graph over the pool, keep the edges with cosine >= threshold, take the
+connected components of that graph (scipy.sparse.csgraph), keep one row per component
+(the lowest index). Chains are followed: a~b and b~c put a, b, c in one component even when
+a and c are below the threshold, as in the paper's copy-detection pipeline.
+
+Relative dedup: drop every pool row whose nearest reference (evaluation set) row has cosine
+>= threshold, so that no test image leaks into the pretraining set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse
+from scipy.sparse.csgraph import connected_components
+
+from .arrays import DEFAULT_CHUNK_ROWS, validate_embeddings, validate_k, validate_same_dim, validate_threshold
+from .index import build_index, is_exact, measure_recall, search
+
+
+def similarity_graph(ids: np.ndarray, similarities: np.ndarray, threshold: float, num_rows: int) -> scipy.sparse.csr_matrix:
+    """Sparse [n, n] adjacency with an edge i->j for every neighbour j of row i (j != i,
+    j found, cosine >= threshold). Direction does not matter for components."""
+    rows = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1])
+    cols = ids.reshape(-1)
+    keep = (cols >= 0) & (cols != rows) & (similarities.reshape(-1) >= threshold)
+    rows, cols = rows[keep], cols[keep]
+    data = np.ones(rows.size, dtype=np.int8)
+    return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(num_rows, num_rows))
+
+
+def components_of(graph: scipy.sparse.spmatrix) -> np.ndarray:
+    """Component id per row, numbered in order of each component's lowest row, so the
+    result does not depend on scipy's internal numbering."""
+    _, labels = connected_components(graph, directed=True, connection="weak")
+    _, first_rows, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first_rows, kind="stable")  # component ranks by first row
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse].astype(np.int64)
+
+
+def keep_lowest_per_component(components: np.ndarray) -> np.ndarray:
+    """Sorted unique row indices: the lowest row of each component."""
+    _, first_rows = np.unique(components, return_index=True)
+    return np.sort(first_rows).astype(np.int64)
+
+
+@dataclass
+class SelfDedupResult:
+    components: np.ndarray  # [n] component id per row
+    keep: np.ndarray  # sorted row indices, one per component
+    num_edges: int
+    recall: dict | None  # recall vs exact search (approximate indexes only)
+
+
+def self_dedup(
+    embeddings: np.ndarray,
+    k: int,
+    threshold: float,
+    *,
+    factory: str = "Flat",
+    search_params: str = "",
+    device: str = "auto",
+    train_size: int = 200_000,
+    recall_sample: int = 1000,
+    seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    work_dir=None,
+    progress: bool = True,
+) -> SelfDedupResult:
+    validate_embeddings(embeddings, "embeddings", chunk_rows)
+    threshold = validate_threshold(threshold)
+    k = validate_k(k, embeddings.shape[0], excluding_self=True)
+    cache = None if work_dir is None else f"{work_dir}/index.faiss"
+    index = build_index(
+        embeddings, factory, search_params=search_params, device=device, train_size=train_size,
+        seed=seed, chunk_rows=chunk_rows, cache_path=cache, progress=progress,
+    )
+    # k + 1: a row finds itself; it is dropped when building the graph.
+    similarities, ids = search(
+        index, embeddings, k + 1, chunk_rows=chunk_rows, progress=progress, desc="self k-NN",
+        work_dir=None if work_dir is None else f"{work_dir}/knn",
+    )
+    graph = similarity_graph(ids, similarities, threshold, embeddings.shape[0])
+    components = components_of(graph)
+    recall = None
+    if not is_exact(index) and recall_sample > 0:
+        recall = measure_recall(
+            index, embeddings, k, sample_size=recall_sample, threshold=threshold, exclude_self=True,
+            seed=seed, chunk_rows=chunk_rows,
+        )
+    return SelfDedupResult(components, keep_lowest_per_component(components), int(graph.nnz), recall)
+
+
+@dataclass
+class RelativeDedupResult:
+    keep: np.ndarray  # sorted pool rows whose nearest reference is below the threshold
+    nearest_similarity: np.ndarray  # [n] cosine to the nearest reference row
+    recall: dict | None
+
+
+def relative_dedup(
+    embeddings: np.ndarray,
+    references: np.ndarray,
+    threshold: float,
+    *,
+    factory: str = "Flat",
+    search_params: str = "",
+    device: str = "auto",
+    train_size: int = 200_000,
+    recall_sample: int = 1000,
+    seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    work_dir=None,
+    progress: bool = True,
+) -> RelativeDedupResult:
+    validate_embeddings(embeddings, "embeddings", chunk_rows)
+    validate_embeddings(references, "reference embeddings", chunk_rows)
+    validate_same_dim(references, embeddings, "reference embeddings")
+    threshold = validate_threshold(threshold)
+    # The references are usually the small side (evaluation sets): index them, query the pool.
+    index = build_index(
+        references, factory, search_params=search_params, device=device, train_size=train_size,
+        seed=seed, chunk_rows=chunk_rows, progress=progress,
+    )
+    similarities, _ = search(
+        index, embeddings, 1, chunk_rows=chunk_rows, progress=progress, desc="nearest reference",
+        work_dir=None if work_dir is None else f"{work_dir}/knn",
+    )
+    nearest = similarities[:, 0]
+    keep = np.flatnonzero(nearest < threshold).astype(np.int64)
+    recall = None
+    if not is_exact(index) and recall_sample > 0:
+        recall = measure_recall(
+            index, references, 1, queries=embeddings, sample_size=recall_sample, threshold=threshold,
+            seed=seed, chunk_rows=chunk_rows,
+        )
+    return RelativeDedupResult(keep, nearest, recall)

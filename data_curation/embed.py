@@ -1,0 +1,197 @@
+"""Embed an image pool with a backbone: L2-normalised class-token features.
+
+Images come from a folder (searched recursively) or a list file (one path a line; relative
+paths are relative to the list file). Each image is opened with PIL, resized and
+center-cropped (224 by default) and normalised with the ImageNet statistics. An image
+that cannot be decoded is reported (path and error) instead of stopping the run.
+
+The pool is split in parts of ``part_size`` images; every finished part is saved, so a
+killed run continues at the first missing part, then the parts are concatenated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from .arrays import CurationInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+def list_images(source: str | os.PathLike) -> list[str]:
+    """Absolute image paths from a folder (recursive, sorted) or a list file."""
+    source = Path(source)
+    if source.is_dir():
+        found = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        paths = sorted(str(p.resolve()) for p in found)
+    elif source.is_file():
+        paths = []
+        for line in source.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = Path(line)
+            paths.append(str(path if path.is_absolute() else (source.parent / path).resolve()))
+    else:
+        raise CurationInputError(f"--images {source} does not exist (expected a folder of images or a list file)")
+    if not paths:
+        raise CurationInputError(
+            f"no images found in {source} (expected files ending in {', '.join(IMAGE_EXTENSIONS)}, "
+            "or a list file with one path a line)"
+        )
+    return paths
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n) with 0 <= i < n."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise CurationInputError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise CurationInputError(f"--shard {text}: need 0 <= i < n, got i={index}, n={count}")
+    return index, count
+
+
+def shard_slice(num_items: int, shard: tuple[int, int]) -> slice:
+    """Contiguous block of shard i of n (sizes differ by at most one), so that
+    concatenating the shards in order gives back the full sorted list."""
+    index, count = shard
+    bounds = np.linspace(0, num_items, count + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def make_transform(image_size: int = 224, resize_size: int = 256) -> Callable:
+    if image_size < 1 or resize_size < image_size:
+        raise CurationInputError(
+            f"need 1 <= image_size <= resize_size, got image_size={image_size}, resize_size={resize_size}"
+        )
+    return transforms.Compose(
+        [
+            transforms.Resize(resize_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class ImagePathDataset(Dataset):
+    """(position, image tensor, error message) per path; a corrupt image gives a zero
+    tensor and its error, so one bad file never stops the DataLoader."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable, image_size: int):
+        self.paths = list(paths)
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int):
+        try:
+            with Image.open(self.paths[position]) as image:
+                tensor = self.transform(image.convert("RGB"))
+            return position, tensor, ""
+        except Exception as exc:  # any decoding failure is data, not a crash
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            return position, blank, f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+@dataclass
+class EmbeddedPart:
+    embeddings: np.ndarray  # [ok images, D], unit rows
+    paths: list[str]  # paths of the ok images, same order
+    errors: list[tuple[str, str]]  # (path, error) of the images that failed
+
+
+class ThumbnailDescriptor(nn.Module):
+    """Non-learned stand-in backbone (``--backbone thumbnail``): the mean-centred 8x8 colour
+    thumbnail, averaged with its mirror image. It detects flipped and mildly cropped copies
+    without any weights, for demos and smoke tests on machines that cannot download the
+    released checkpoints; use a DINOv2 backbone for real curation."""
+
+    grid = 8
+    embed_dim = 3 * grid * grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = nn.functional.adaptive_avg_pool2d(x, self.grid)
+        pooled = (pooled + torch.flip(pooled, dims=[3])) / 2
+        flat = pooled.flatten(1)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+
+def load_model(backbone: str, weights: str | None, **kwargs) -> nn.Module:
+    """A hub backbone by name (``weights``: None/"random" = random init, "LVD142M",
+    a local path or file:// URL), or ``thumbnail`` (see ThumbnailDescriptor)."""
+    if backbone == "thumbnail":
+        return ThumbnailDescriptor().eval()
+    try:
+        from dinov2.hub.backbones import load_backbone
+    except ImportError as exc:  # pragma: no cover - only without the dinov2 package
+        raise CurationInputError(f"cannot import dinov2.hub.backbones to build {backbone!r}: {exc}") from exc
+    if weights in (None, "random", "none"):
+        weights = None
+    try:
+        return load_backbone(backbone, weights=weights, **kwargs)
+    except ValueError as exc:
+        raise CurationInputError(str(exc)) from exc
+
+
+@torch.inference_mode()
+def embed_paths(
+    model: nn.Module,
+    paths: Sequence[str],
+    *,
+    image_size: int = 224,
+    resize_size: int = 256,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> EmbeddedPart:
+    """Embed ``paths`` in order; failed images are listed in ``errors``, not embedded."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise CurationInputError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, got {dtype!r}")
+    dataset = ImagePathDataset(paths, make_transform(image_size, resize_size), image_size)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    features, kept, errors = [], [], []
+    model = model.to(device).eval()
+    for positions, images, messages in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+        ok = torch.tensor([not m for m in messages], dtype=torch.bool)
+        for position, message in zip(positions.tolist(), messages):
+            if message:
+                errors.append((dataset.paths[position], message))
+        if not ok.any():
+            continue
+        output = model(images[ok].to(device)).float()
+        output = torch.nn.functional.normalize(output, dim=1)
+        features.append(output.cpu().numpy().astype(dtype))
+        kept.extend(dataset.paths[p] for p in positions[ok].tolist())
+    dim = getattr(model, "embed_dim", None)
+    if features:
+        embeddings = np.concatenate(features)
+    else:
+        embeddings = np.empty((0, dim or 0), dtype=dtype)
+    return EmbeddedPart(embeddings, kept, errors)
+
+
+def iter_parts(num_items: int, part_size: int) -> Iterator[tuple[int, slice]]:
+    for number, start in enumerate(range(0, num_items, part_size)):
+        yield number, slice(start, min(start + part_size, num_items))

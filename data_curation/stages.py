@@ -1,0 +1,395 @@
+"""File-level stages: read inputs, validate them before writing anything, run the maths
+module, publish the outputs atomically, record completion (see stage_state).
+
+Every stage returns a StageResult; a rerun with the same inputs and parameters returns
+``skipped=True`` without doing any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import dedup, kmeans, retrieval, sampling
+from .arrays import (
+    DEFAULT_CHUNK_ROWS,
+    AtomicNpyWriter,
+    CurationInputError,
+    iter_row_chunks,
+    load_array,
+    load_indices,
+    normalized_rows,
+    read_lines,
+    save_npy_atomic,
+    validate_embeddings,
+    validate_k,
+    validate_same_dim,
+    validate_threshold,
+    write_lines_atomic,
+    write_text_atomic,
+)
+from .index import validate_index_spec
+from .stage_state import StageResult, StageState
+
+logger = logging.getLogger(__name__)
+
+
+def _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows):
+    return dict(
+        factory=factory, search_params=search_params, device=device, train_size=train_size,
+        recall_sample=recall_sample, seed=seed, chunk_rows=chunk_rows,
+    )
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+def embed_stage(
+    images: str | Path,
+    output_dir: str | Path,
+    *,
+    backbone: str = "dinov2_vits14",
+    weights: str | None = "LVD142M",
+    shard: tuple[int, int] | None = None,
+    model=None,
+    backbone_kwargs: dict | None = None,
+    image_size: int = 224,
+    resize_size: int = 256,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    part_size: int = 4096,
+    progress: bool = True,
+) -> StageResult:
+    """Embed every image (or shard ``i/n`` of them) -> embeddings.npy, paths.txt, errors.txt.
+
+    With ``shard`` the outputs go to ``output_dir/shards/iiiii-of-nnnnn/``; the shard that
+    finishes last merges all shards into ``output_dir`` (the merge is itself idempotent).
+    ``model`` (an nn.Module) replaces the named backbone, e.g. for a custom feature extractor.
+    """
+    import torch  # only this stage needs torch; the others start fast without it
+
+    from . import embed
+
+    all_paths = embed.list_images(images)
+    embed.make_transform(image_size, resize_size)  # validates sizes before anything is written
+    if dtype not in embed.EMBEDDING_DTYPES:
+        raise CurationInputError(f"embedding dtype must be one of {embed.EMBEDDING_DTYPES}, got {dtype!r}")
+    if part_size < 1 or batch_size < 1:
+        raise CurationInputError(f"part_size and batch_size must be >= 1, got {part_size} and {batch_size}")
+    output_dir = Path(output_dir)
+    target_dir, paths = output_dir, all_paths
+    if shard is not None:
+        if shard[1] > len(all_paths):
+            raise CurationInputError(f"--shard {shard[0]}/{shard[1]}: more shards than the {len(all_paths)} images; use n <= {len(all_paths)}")
+        paths = all_paths[embed.shard_slice(len(all_paths), shard)]
+        target_dir = output_dir / "shards" / f"{shard[0]:05d}-of-{shard[1]:05d}"
+    weights_file = [weights] if weights and Path(str(weights)).is_file() else []
+    params = dict(
+        backbone=backbone if model is None else f"custom:{type(model).__name__}", weights=str(weights),
+        backbone_kwargs=backbone_kwargs or {}, image_size=image_size, resize_size=resize_size, dtype=dtype,
+        part_size=part_size, paths_sha256=hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+    )
+    state = StageState(target_dir, "embed", params, weights_file, ["embeddings.npy", "paths.txt", "errors.txt"])
+    if state.is_complete():
+        result = state.skipped_result()
+    else:
+        work = state.begin()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is None:
+            model = embed.load_model(backbone, weights, **(backbone_kwargs or {}))
+        parts = list(embed.iter_parts(len(paths), part_size))
+        for number, part in tqdm(parts, desc="embed", unit="part", disable=not progress):
+            done = work / f"part_{number:06d}.npy"
+            if done.is_file():
+                continue
+            out = embed.embed_paths(
+                model, paths[part], image_size=image_size, resize_size=resize_size, batch_size=batch_size,
+                num_workers=num_workers, device=device, dtype=dtype, progress=False,
+            )
+            write_lines_atomic(work / f"part_{number:06d}.paths.txt", out.paths)
+            write_lines_atomic(work / f"part_{number:06d}.errors.txt", [f"{p}\t{e}" for p, e in out.errors])
+            save_npy_atomic(done, out.embeddings)  # written last: its presence marks the part done
+        summary = _concatenate_parts(work, len(parts), target_dir)
+        summary["images"] = len(paths)
+        result = state.complete(summary)
+    if shard is not None:
+        merged = _merge_shards(output_dir, shard[1], progress)
+        if merged is not None:
+            result.summary = {**result.summary, "merged": merged.describe()}
+    return result
+
+
+def _concatenate_parts(folder: Path, num_parts: int, target_dir: Path, prefix: str = "part_") -> dict:
+    """Concatenate ``part_*.npy`` / ``.paths.txt`` / ``.errors.txt`` into the final outputs."""
+    arrays = [np.load(folder / f"{prefix}{n:06d}.npy", mmap_mode="r") for n in range(num_parts)]
+    paths = [line for n in range(num_parts) for line in read_lines_or_empty(folder / f"{prefix}{n:06d}.paths.txt")]
+    errors = [line for n in range(num_parts) for line in read_lines_or_empty(folder / f"{prefix}{n:06d}.errors.txt")]
+    return _publish_embeddings(arrays, paths, errors, target_dir)
+
+
+def _publish_embeddings(arrays: Sequence[np.ndarray], paths: list[str], errors: list[str], target_dir: Path) -> dict:
+    total = sum(a.shape[0] for a in arrays)
+    dims = {a.shape[1] for a in arrays if a.shape[0]}
+    target_dir.mkdir(parents=True, exist_ok=True)
+    write_lines_atomic(target_dir / "errors.txt", errors)
+    if total == 0:
+        raise CurationInputError(
+            f"none of the images could be decoded; see {target_dir / 'errors.txt'} for the reasons"
+        )
+    dim = dims.pop()
+    dtype = next(a.dtype for a in arrays if a.shape[0])
+    writer = AtomicNpyWriter(target_dir / "embeddings.npy", (total, dim), dtype)
+    try:
+        row = 0
+        for array in arrays:
+            if not array.shape[0]:  # a part where every image failed
+                continue
+            writer.array[row : row + array.shape[0]] = array
+            row += array.shape[0]
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    write_lines_atomic(target_dir / "paths.txt", paths)
+    return {"embedded": total, "errors": len(errors), "dim": dim}
+
+
+def read_lines_or_empty(path: Path) -> list[str]:
+    return read_lines(path) if path.stat().st_size else []
+
+
+def _merge_shards(output_dir: Path, count: int, progress: bool) -> StageResult | None:
+    """Merge shard outputs once every shard has finished; None while some are missing."""
+    shard_dirs = [output_dir / "shards" / f"{i:05d}-of-{count:05d}" for i in range(count)]
+    if not all((d / ".embed.done.json").is_file() for d in shard_dirs):
+        return None
+    inputs = [d / name for d in shard_dirs for name in ("embeddings.npy", "paths.txt", "errors.txt")]
+    state = StageState(output_dir, "embed-merge", {"shards": count}, inputs, ["embeddings.npy", "paths.txt", "errors.txt"])
+    if state.is_complete():
+        return state.skipped_result()
+    state.begin()
+    arrays = [np.load(d / "embeddings.npy", mmap_mode="r") for d in shard_dirs]
+    paths = [line for d in shard_dirs for line in read_lines_or_empty(d / "paths.txt")]
+    errors = [line for d in shard_dirs for line in read_lines_or_empty(d / "errors.txt")]
+    return state.complete(_publish_embeddings(arrays, paths, errors, output_dir))
+
+
+# ----------------------------------------------------------------------------- dedup
+
+
+def _load_pool(path, what="embeddings", chunk_rows=DEFAULT_CHUNK_ROWS) -> np.ndarray:
+    array = load_array(path, what)
+    validate_embeddings(array, f"{what} ({path})", chunk_rows)
+    return array
+
+
+def self_dedup_stage(
+    embeddings_path, output_dir, *, k: int, threshold: float, factory: str = "Flat", search_params: str = "",
+    device: str = "auto", train_size: int = 200_000, recall_sample: int = 1000, seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+) -> StageResult:
+    """-> components.npy (component id per row), keep.npy (lowest row per component)."""
+    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    threshold = validate_threshold(threshold)
+    validate_k(k, pool.shape[0], excluding_self=True)
+    validate_index_spec(pool.shape[1], factory, search_params, device)
+    options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
+    params = dict(k=k, threshold=threshold, **{n: v for n, v in options.items() if n != "device"})
+    state = StageState(output_dir, "dedup", params, [embeddings_path], ["components.npy", "keep.npy"])
+    if state.is_complete():
+        return state.skipped_result()
+    work = state.begin()
+    result = dedup.self_dedup(pool, k, threshold, work_dir=work, progress=progress, **options)
+    save_npy_atomic(Path(output_dir) / "components.npy", result.components)
+    save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
+    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "edges": result.num_edges}
+    if result.recall is not None:
+        write_text_atomic(Path(output_dir) / "recall.json", json.dumps(result.recall, indent=2) + "\n")
+        summary["pair_recall"] = round(result.recall["pair_recall"], 4)
+    return state.complete(summary)
+
+
+def relative_dedup_stage(
+    embeddings_path, against: Sequence, output_dir, *, threshold: float, factory: str = "Flat", search_params: str = "",
+    device: str = "auto", train_size: int = 200_000, recall_sample: int = 1000, seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+) -> StageResult:
+    """-> keep.npy (rows with no reference at cosine >= threshold), nearest_similarity.npy."""
+    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    if not against:
+        raise CurationInputError("relative dedup needs at least one reference file (--against R.npy)")
+    references = [_load_pool(path, "reference embeddings", chunk_rows) for path in against]
+    for path, ref in zip(against, references):
+        validate_same_dim(ref, pool, f"reference embeddings ({path})")
+    threshold = validate_threshold(threshold)
+    validate_index_spec(pool.shape[1], factory, search_params, device)
+    options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
+    params = dict(threshold=threshold, **{n: v for n, v in options.items() if n != "device"})
+    state = StageState(output_dir, "dedup-relative", params, [embeddings_path, *against], ["keep.npy", "nearest_similarity.npy"])
+    if state.is_complete():
+        return state.skipped_result()
+    work = state.begin()
+    reference = np.concatenate([np.asarray(r, dtype=np.float32) for r in references])
+    result = dedup.relative_dedup(pool, reference, threshold, work_dir=work, progress=progress, **options)
+    save_npy_atomic(Path(output_dir) / "nearest_similarity.npy", result.nearest_similarity)
+    save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
+    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "references": int(reference.shape[0])}
+    if result.recall is not None:
+        write_text_atomic(Path(output_dir) / "recall.json", json.dumps(result.recall, indent=2) + "\n")
+        summary["pair_recall"] = round(result.recall["pair_recall"], 4)
+    return state.complete(summary)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def retrieve_stage(
+    embeddings_path, queries_path, output_dir, *, k: int | None = None, clusters: int | None = None,
+    per_cluster: int | None = None, factory: str = "Flat", search_params: str = "", device: str = "auto",
+    train_size: int = 200_000, recall_sample: int = 1000, niter: int = 20, seed: int = 0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+) -> StageResult:
+    """Sample-based (``k``) -> neighbors.npy, similarities.npy, selected.npy; cluster-based
+    (``clusters`` + ``per_cluster``) -> selected.npy, query_clusters.npy, assignment.npy,
+    centroids.npy."""
+    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    queries = _load_pool(queries_path, "queries", chunk_rows)
+    validate_same_dim(queries, pool, f"queries ({queries_path})")
+    by_clusters = clusters is not None or per_cluster is not None
+    if by_clusters and (clusters is None or per_cluster is None):
+        raise CurationInputError("cluster-based retrieval needs both --clusters N and --per-cluster M")
+    if by_clusters == (k is not None):
+        raise CurationInputError("give either --k K (sample-based) or --clusters N --per-cluster M (cluster-based), not both")
+    if k is not None:
+        validate_k(k, pool.shape[0])
+        validate_index_spec(pool.shape[1], factory, search_params, device)
+        outputs = ["neighbors.npy", "similarities.npy", "selected.npy"]
+    else:
+        outputs = ["selected.npy", "query_clusters.npy", "assignment.npy", "centroids.npy"]
+    params = dict(k=k, clusters=clusters, per_cluster=per_cluster, factory=factory, search_params=search_params,
+                  train_size=train_size, recall_sample=recall_sample, niter=niter, seed=seed)
+    state = StageState(output_dir, "retrieve", params, [embeddings_path, queries_path], outputs)
+    if state.is_complete():
+        return state.skipped_result()
+    work = state.begin()
+    out = Path(output_dir)
+    if k is not None:
+        options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
+        result = retrieval.retrieve_nearest(pool, queries, k, work_dir=work, progress=progress, **options)
+        save_npy_atomic(out / "neighbors.npy", result.neighbors)
+        save_npy_atomic(out / "similarities.npy", result.similarities)
+        summary = {"queries": int(queries.shape[0]), "k": k}
+        if result.recall is not None:
+            write_text_atomic(out / "recall.json", json.dumps(result.recall, indent=2) + "\n")
+            summary["recall_at_k"] = round(result.recall["recall_at_k"], 4)
+    else:
+        result = retrieval.retrieve_by_clusters(
+            pool, queries, clusters, per_cluster, niter=niter, seed=seed, device=device, chunk_rows=chunk_rows
+        )
+        save_npy_atomic(out / "query_clusters.npy", result.query_clusters)
+        save_npy_atomic(out / "assignment.npy", result.assignment)
+        save_npy_atomic(out / "centroids.npy", result.centroids)
+        summary = {"queries": int(queries.shape[0]), "clusters_hit": int(np.unique(result.query_clusters).size)}
+    save_npy_atomic(out / "selected.npy", result.selected)
+    summary["selected"] = int(result.selected.size)
+    return state.complete(summary)
+
+
+# ----------------------------------------------------------------------------- k-means
+
+
+def kmeans_stage(
+    embeddings_path, output_dir, *, clusters: Sequence[int], levels: int | None = None, rows_path=None,
+    niter: int = 20, resampling_steps: int | list[int] = 0, sample_sizes: list[int] | None = None,
+    strategy: str = "closest", init: str = "auto", seed: int = 0, device: str = "auto",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+) -> StageResult:
+    """-> rows.npy, levels.json, level{l}_centroids.npy, level{l}_assignment.npy,
+    level{l}_distances.npy for l = 1..levels (level 1 assigns rows, level l assigns the
+    clusters of level l-1)."""
+    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    clusters = [int(c) for c in clusters]
+    if levels is not None and levels != len(clusters):
+        raise CurationInputError(f"--levels {levels} but --clusters lists {len(clusters)} counts ({clusters})")
+    rows = np.arange(pool.shape[0], dtype=np.int64) if rows_path is None else np.unique(load_indices(rows_path, pool.shape[0], "rows"))
+    if rows.size < clusters[0]:
+        raise CurationInputError(f"level 1 asks for {clusters[0]} clusters but only {rows.size} rows are given")
+    outputs = ["rows.npy", "levels.json"] + [f"level{l}_{n}.npy" for l in range(1, len(clusters) + 1) for n in ("centroids", "assignment", "distances")]
+    params = dict(clusters=clusters, niter=niter, resampling_steps=resampling_steps, sample_sizes=sample_sizes,
+                  strategy=strategy, init=init, seed=seed)
+    inputs = [embeddings_path] + ([rows_path] if rows_path is not None else [])
+    state = StageState(output_dir, "kmeans", params, inputs, outputs)
+    if state.is_complete():
+        return state.skipped_result()
+    work = state.begin()
+    points = np.empty((rows.size, pool.shape[1]), dtype=np.float32)
+    for start, stop in iter_row_chunks(rows.size, chunk_rows):
+        points[start:stop] = normalized_rows(pool[rows[start:stop]])
+    levels_out = kmeans.hierarchical_kmeans(
+        points, clusters, niter=niter, resampling_steps=resampling_steps, sample_sizes=sample_sizes,
+        strategy=strategy, init=init, seed=seed, device=device, checkpoint_dir=work, progress=progress,
+    )
+    out = Path(output_dir)
+    for number, level in enumerate(levels_out, start=1):
+        save_npy_atomic(out / f"level{number}_centroids.npy", level.centroids)
+        save_npy_atomic(out / f"level{number}_assignment.npy", level.assignment)
+        save_npy_atomic(out / f"level{number}_distances.npy", level.distances)
+    save_npy_atomic(out / "rows.npy", rows)
+    write_text_atomic(out / "levels.json", json.dumps({"clusters": clusters}) + "\n")
+    top_sizes = np.bincount(kmeans.rows_to_level(levels_out, len(clusters)), minlength=clusters[-1])
+    return state.complete({"rows": int(rows.size), "clusters": ",".join(map(str, clusters)),
+                           "top_level_largest": int(top_sizes.max()), "top_level_smallest": int(top_sizes.min())})
+
+
+def sample_stage(clusters_dir, output_dir, *, target: int, strategy: str = "random", seed: int = 0) -> StageResult:
+    """-> selected.npy: sorted pool rows of a balanced hierarchical sample of ``target`` rows."""
+    clusters_dir = Path(clusters_dir)
+    if not (clusters_dir / ".kmeans.done.json").is_file():
+        raise CurationInputError(f"{clusters_dir} holds no finished k-means run (run `dinov2-curate kmeans` first)")
+    clusters = json.loads((clusters_dir / "levels.json").read_text())["clusters"]
+    inputs = [clusters_dir / "rows.npy"] + [clusters_dir / f"level{l}_assignment.npy" for l in range(1, len(clusters) + 1)]
+    if int(target) != target or target < 1:
+        raise CurationInputError(f"--target must be a positive integer, got {target}")
+    state = StageState(output_dir, "sample", dict(target=int(target), strategy=strategy, seed=seed), inputs, ["selected.npy"])
+    if state.is_complete():
+        return state.skipped_result()
+    rows = np.load(clusters_dir / "rows.npy")
+    assignments = [np.load(clusters_dir / f"level{l}_assignment.npy") for l in range(1, len(clusters) + 1)]
+    distances = np.load(clusters_dir / "level1_distances.npy") if strategy == "closest" else None
+    positions = sampling.hierarchical_sample(assignments, clusters, int(target), seed=seed, strategy=strategy, level1_distances=distances)
+    state.begin()
+    selected = np.sort(rows[positions])
+    save_npy_atomic(Path(output_dir) / "selected.npy", selected)
+    return state.complete({"target": int(target), "selected": int(selected.size), "pool": int(rows.size)})
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def manifest_stage(paths_path, selections: Sequence, output) -> StageResult:
+    """Manifest = paths of the rows present in every selection file (one path a line)."""
+    paths = read_lines(paths_path)
+    if not paths:
+        raise CurationInputError(f"{paths_path} lists no paths")
+    if not selections:
+        raise CurationInputError("give at least one --select file (e.g. keep.npy or selected.npy)")
+    chosen = None
+    for path in selections:
+        rows = np.unique(load_indices(path, len(paths), f"selection {path}"))
+        chosen = rows if chosen is None else np.intersect1d(chosen, rows, assume_unique=True)
+    output = Path(output)
+    state = StageState(output.parent, f"manifest-{output.name}", {}, [paths_path, *selections], [output.name])
+    if state.is_complete():
+        return state.skipped_result()
+    state.begin()
+    write_lines_atomic(output, [paths[i] for i in chosen])
+    return state.complete({"paths": len(paths), "selected": int(chosen.size), "manifest": str(output)})

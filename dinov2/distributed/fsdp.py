@@ -1,0 +1,76 @@
+"""FSDP2 sharding policy for the student/teacher model, kept apart from the model code.
+
+Units: every transformer block, every head, and each backbone as the root of its own tree (its
+own parameters: patch embedding, tokens, position embedding, final norm). The student and the
+teacher are sharded identically, so their local shards line up one to one and the EMA update
+runs on local shards without any gather. Blocks prefetch the next block's all-gather in forward
+and the previous block's in backward.
+
+Call after the model is built (all ranks from the same seed, so every rank shards the same
+weights) and before the optimizer is created (``fully_shard`` replaces the parameters by
+DTensors).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Entry points of the backbone besides forward() that evaluation code may call on a sharded
+# teacher; FSDP must gather parameters around them too.
+_BACKBONE_METHODS = ("forward_features", "get_intermediate_layers")
+
+
+def mixed_precision_policy(dist_cfg) -> MixedPrecisionPolicy:
+    """Parameters cast to ``param_dtype`` for compute, gradients reduced in ``reduce_dtype``; the
+    sharded master weights and optimizer states stay float32."""
+    param_dtype = DTYPES[dist_cfg.param_dtype]
+    reduce_dtype = DTYPES[dist_cfg.reduce_dtype]
+    if param_dtype == torch.float32 and reduce_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+
+
+def _link_prefetch(units: list) -> None:
+    for previous, following in zip(units, units[1:]):
+        previous.set_modules_to_forward_prefetch([following])
+        following.set_modules_to_backward_prefetch([previous])
+
+
+def shard_backbone(backbone: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                   reshard_after_forward: bool) -> None:
+    """``fully_shard`` each block (``block_list()`` also finds blocks inside chunks), then the backbone."""
+    blocks = [fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+              for block in backbone.block_list()]
+    _link_prefetch(blocks)
+    fully_shard(backbone, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    for method in _BACKBONE_METHODS:
+        register_fsdp_forward_method(backbone, method)
+
+
+def shard_model_dict(models: nn.ModuleDict, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                     reshard_after_forward: bool) -> None:
+    """Shard ``{backbone, dino_head, [ibot_head]}``: the backbone per block, each head as one unit."""
+    for name, module in models.items():
+        if name == "backbone":
+            shard_backbone(module, mesh, mp_policy, reshard_after_forward)
+        else:
+            fully_shard(module, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+
+
+def shard_ssl_model(model: nn.Module, mesh: DeviceMesh, dist_cfg) -> None:
+    """Shard ``model.student`` and ``model.teacher`` (an SSLMetaArch) in place. The loss centers stay
+    plain replicated buffers: their updates are all-reduced, so every rank holds the same values."""
+    mp_policy = mixed_precision_policy(dist_cfg)
+    shard_model_dict(model.student, mesh, mp_policy, bool(dist_cfg.reshard_after_forward))
+    # The teacher never runs backward: keeping its gathered weights after forward would only cost memory.
+    shard_model_dict(model.teacher, mesh, mp_policy, reshard_after_forward=True)
+    logger.info("FSDP2: sharded student and teacher over mesh %s (param %s, reduce %s, reshard_after_forward=%s)",
+                tuple(mesh.shape), dist_cfg.param_dtype, dist_cfg.reduce_dtype, dist_cfg.reshard_after_forward)
