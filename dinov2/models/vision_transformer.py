@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
@@ -96,7 +97,7 @@ class DinoVisionTransformer(nn.Module):
         if drop_path_uniform:
             drop_rates = [drop_path_rate] * depth
         else:
-            drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+            drop_rates = np.linspace(0, drop_path_rate, depth).tolist()  # float64, as the official code
         ffn = _ffn_layer(ffn_layer)
         blocks = [
             block_fn(
