@@ -8,13 +8,14 @@ and `pipeline` drive the stages.
 
 from .arrays import CurationInputError
 from .dedup import relative_dedup, self_dedup
-from .index import build_index, exact_search, gpu_available, measure_recall, search
+from .index import IndexOptions, build_index, exact_search, gpu_available, measure_recall, search
 from .kmeans import hierarchical_kmeans
 from .retrieval import retrieve_by_clusters, retrieve_nearest
 from .sampling import balanced_allocation, hierarchical_sample
 
 __all__ = [
     "CurationInputError",
+    "IndexOptions",
     "balanced_allocation",
     "build_index",
     "exact_search",

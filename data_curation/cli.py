@@ -52,10 +52,12 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
-def _index_kwargs(args) -> dict:
-    return dict(
+def _index_options(args):
+    from .index import IndexOptions  # here, not at the top: faiss would slow down --help
+
+    return IndexOptions(
         factory=args.factory, search_params=args.search_params, device=args.device, train_size=args.train_size,
-        recall_sample=args.recall_sample, seed=args.seed, chunk_rows=args.chunk_rows, progress=not args.quiet,
+        recall_sample=args.recall_sample, seed=args.seed, chunk_rows=args.chunk_rows,
     )
 
 
@@ -143,13 +145,19 @@ def _dispatch(args) -> str:
         if (args.k is None) == (args.against is None):
             raise CurationInputError("dedup needs either --k K (self-dedup) or --against R.npy (relative dedup)")
         if args.k is not None:
-            result = stages.self_dedup_stage(args.embeddings, args.output_dir, k=args.k, threshold=args.threshold, **_index_kwargs(args))
+            result = stages.self_dedup_stage(
+                args.embeddings, args.output_dir, k=args.k, threshold=args.threshold, index=_index_options(args),
+                progress=progress,
+            )
         else:
-            result = stages.relative_dedup_stage(args.embeddings, args.against, args.output_dir, threshold=args.threshold, **_index_kwargs(args))
+            result = stages.relative_dedup_stage(
+                args.embeddings, args.against, args.output_dir, threshold=args.threshold, index=_index_options(args),
+                progress=progress,
+            )
     elif args.command == "retrieve":
         result = stages.retrieve_stage(
             args.embeddings, args.queries, args.output_dir, k=args.k, clusters=args.clusters,
-            per_cluster=args.per_cluster, niter=args.niter, **_index_kwargs(args),
+            per_cluster=args.per_cluster, niter=args.niter, index=_index_options(args), progress=progress,
         )
     elif args.command == "kmeans":
         result = stages.kmeans_stage(

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .arrays import CurationInputError
+from .index import IndexOptions
 
 
 @dataclass
@@ -31,17 +32,6 @@ class EmbedConfig:
     dtype: str = "float32"
     device: str = "auto"
     part_size: int = 4096
-
-
-@dataclass
-class IndexConfig:
-    factory: str = "Flat"  # FAISS factory string: Flat (exact), IVF4096,Flat, HNSW32, IVF4096,PQ32 ...
-    search_params: str = ""  # e.g. "nprobe=32" (IVF) or "efSearch=128" (HNSW)
-    device: str = "auto"  # auto | cpu | gpu
-    train_size: int = 200_000
-    recall_sample: int = 1000
-    chunk_rows: int = 65536
-    seed: int = 0
 
 
 @dataclass
@@ -92,7 +82,7 @@ class CurationConfig:
     manifest: str = "manifest.txt"  # relative to output_dir unless absolute
     progress: bool = True
     embed: EmbedConfig = field(default_factory=EmbedConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
+    index: IndexOptions = field(default_factory=IndexOptions)
     self_dedup: SelfDedupConfig = field(default_factory=SelfDedupConfig)
     relative_dedup: RelativeDedupConfig = field(default_factory=RelativeDedupConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -137,6 +127,8 @@ def packaged_config(name: str) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Defaults <- YAML file <- ``key=value`` overrides; every key checked against the schema."""
     merged = OmegaConf.structured(CurationConfig)
+    # OmegaConf makes the node of a frozen dataclass read-only; a loaded config stays editable.
+    OmegaConf.set_readonly(merged.index, False)
     layers = []
     if path is not None:
         path = Path(path)

@@ -17,8 +17,8 @@ import numpy as np
 import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
-from .arrays import DEFAULT_CHUNK_ROWS, validate_embeddings, validate_k, validate_same_dim, validate_threshold
-from .index import build_index, is_exact, measure_recall, search
+from .arrays import validate_embeddings, validate_k, validate_same_dim, validate_threshold
+from .index import IndexOptions, is_exact, measure_recall, search
 
 
 def similarity_graph(ids: np.ndarray, similarities: np.ndarray, threshold: float, num_rows: int) -> scipy.sparse.csr_matrix:
@@ -62,36 +62,27 @@ def self_dedup(
     k: int,
     threshold: float,
     *,
-    factory: str = "Flat",
-    search_params: str = "",
-    device: str = "auto",
-    train_size: int = 200_000,
-    recall_sample: int = 1000,
-    seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    index: IndexOptions = IndexOptions(),
     work_dir=None,
     progress: bool = True,
 ) -> SelfDedupResult:
-    validate_embeddings(embeddings, "embeddings", chunk_rows)
+    validate_embeddings(embeddings, "embeddings", index.chunk_rows)
     threshold = validate_threshold(threshold)
     k = validate_k(k, embeddings.shape[0], excluding_self=True)
     cache = None if work_dir is None else f"{work_dir}/index.faiss"
-    index = build_index(
-        embeddings, factory, search_params=search_params, device=device, train_size=train_size,
-        seed=seed, chunk_rows=chunk_rows, cache_path=cache, progress=progress,
-    )
+    faiss_index = index.build(embeddings, cache_path=cache, progress=progress)
     # k + 1: a row finds itself; it is dropped when building the graph.
     similarities, ids = search(
-        index, embeddings, k + 1, chunk_rows=chunk_rows, progress=progress, desc="self k-NN",
+        faiss_index, embeddings, k + 1, chunk_rows=index.chunk_rows, progress=progress, desc="self k-NN",
         work_dir=None if work_dir is None else f"{work_dir}/knn",
     )
     graph = similarity_graph(ids, similarities, threshold, embeddings.shape[0])
     components = components_of(graph)
     recall = None
-    if not is_exact(index) and recall_sample > 0:
+    if not is_exact(faiss_index) and index.recall_sample > 0:
         recall = measure_recall(
-            index, embeddings, k, sample_size=recall_sample, threshold=threshold, exclude_self=True,
-            seed=seed, chunk_rows=chunk_rows,
+            faiss_index, embeddings, k, sample_size=index.recall_sample, threshold=threshold, exclude_self=True,
+            seed=index.seed, chunk_rows=index.chunk_rows,
         )
     return SelfDedupResult(components, keep_lowest_per_component(components), int(graph.nnz), recall)
 
@@ -108,35 +99,26 @@ def relative_dedup(
     references: np.ndarray,
     threshold: float,
     *,
-    factory: str = "Flat",
-    search_params: str = "",
-    device: str = "auto",
-    train_size: int = 200_000,
-    recall_sample: int = 1000,
-    seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    index: IndexOptions = IndexOptions(),
     work_dir=None,
     progress: bool = True,
 ) -> RelativeDedupResult:
-    validate_embeddings(embeddings, "embeddings", chunk_rows)
-    validate_embeddings(references, "reference embeddings", chunk_rows)
+    validate_embeddings(embeddings, "embeddings", index.chunk_rows)
+    validate_embeddings(references, "reference embeddings", index.chunk_rows)
     validate_same_dim(references, embeddings, "reference embeddings")
     threshold = validate_threshold(threshold)
     # The references are usually the small side (evaluation sets): index them, query the pool.
-    index = build_index(
-        references, factory, search_params=search_params, device=device, train_size=train_size,
-        seed=seed, chunk_rows=chunk_rows, progress=progress,
-    )
+    faiss_index = index.build(references, progress=progress)
     similarities, _ = search(
-        index, embeddings, 1, chunk_rows=chunk_rows, progress=progress, desc="nearest reference",
+        faiss_index, embeddings, 1, chunk_rows=index.chunk_rows, progress=progress, desc="nearest reference",
         work_dir=None if work_dir is None else f"{work_dir}/knn",
     )
     nearest = similarities[:, 0]
     keep = np.flatnonzero(nearest < threshold).astype(np.int64)
     recall = None
-    if not is_exact(index) and recall_sample > 0:
+    if not is_exact(faiss_index) and index.recall_sample > 0:
         recall = measure_recall(
-            index, references, 1, queries=embeddings, sample_size=recall_sample, threshold=threshold,
-            seed=seed, chunk_rows=chunk_rows,
+            faiss_index, references, 1, queries=embeddings, sample_size=index.recall_sample, threshold=threshold,
+            seed=index.seed, chunk_rows=index.chunk_rows,
         )
     return RelativeDedupResult(keep, nearest, recall)

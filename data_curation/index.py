@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -50,12 +51,6 @@ def make_index(dim: int, factory: str) -> faiss.Index:
             f"invalid FAISS factory string {factory!r} for dimension {dim} "
             "(expected e.g. 'Flat', 'IVF1024,Flat', 'HNSW32', 'IVF4096,PQ32')"
         ) from exc
-
-
-def validate_index_spec(dim: int, factory: str, search_params: str = "", device: str = "auto") -> None:
-    """Fail on a bad factory string, search parameters or device before any work is done."""
-    resolve_device(device)
-    set_search_params(make_index(dim, factory), search_params)
 
 
 def is_exact(index: faiss.Index) -> bool:
@@ -134,6 +129,38 @@ def build_index(
         index = _to_gpu(index)
     set_search_params(index, search_params)
     return index
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How dedup and retrieval build, search and check their FAISS index."""
+
+    factory: str = "Flat"  # FAISS factory string: Flat (exact), IVF4096,Flat, HNSW32, IVF4096,PQ32 ...
+    search_params: str = ""  # e.g. "nprobe=32" (IVF) or "efSearch=128" (HNSW)
+    device: str = "auto"  # auto | cpu | gpu
+    train_size: int = 200_000  # rows used to train IVF / PQ indexes
+    recall_sample: int = 1000  # queries for the recall-vs-exact report of approximate indexes (0: skip)
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    seed: int = 0
+
+    def validate(self, dim: int) -> None:
+        """Fail on a bad factory string, search parameters or device before any work is done."""
+        resolve_device(self.device)
+        set_search_params(make_index(dim, self.factory), self.search_params)
+
+    def build(self, embeddings: np.ndarray, *, cache_path: str | Path | None = None, progress: bool = True) -> faiss.Index:
+        return build_index(
+            embeddings, self.factory, search_params=self.search_params, device=self.device,
+            train_size=self.train_size, seed=self.seed, chunk_rows=self.chunk_rows, cache_path=cache_path,
+            progress=progress,
+        )
+
+    def stage_params(self) -> dict:
+        """The options that go into a stage fingerprint. Not the device: CPU and GPU give the
+        same results up to float rounding, so a finished stage is not redone on another one."""
+        params = asdict(self)
+        del params["device"]
+        return params
 
 
 def search(
@@ -253,6 +280,7 @@ def save_recall_report(path: str | Path, report: dict) -> None:
 
 
 __all__ = [
+    "IndexOptions",
     "build_index",
     "exact_search",
     "gpu_available",

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from . import stages
 from .arrays import CurationInputError, save_npy_atomic
+from .index import IndexOptions
 from .stage_state import StageResult
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,7 @@ def _save_if_changed(path: Path, rows: np.ndarray) -> Path:
 
 def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict:
     out = Path(cfg.output_dir)
-    index = dict(
-        factory=cfg.index.factory, search_params=cfg.index.search_params, device=cfg.index.device,
-        train_size=cfg.index.train_size, recall_sample=cfg.index.recall_sample, seed=cfg.index.seed,
-        chunk_rows=cfg.index.chunk_rows, progress=cfg.progress,
-    )
+    index = IndexOptions(**cfg.index)
     results: dict[str, StageResult] = {}
 
     def record(name: str, result: StageResult) -> StageResult:
@@ -70,13 +67,14 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
     # 2. filters, each in the original row numbering
     if cfg.self_dedup.enabled:
         record("dedup", stages.self_dedup_stage(
-            embeddings, out / "dedup", k=min(cfg.self_dedup.k, num_rows - 1), threshold=cfg.self_dedup.threshold, **index
+            embeddings, out / "dedup", k=min(cfg.self_dedup.k, num_rows - 1), threshold=cfg.self_dedup.threshold,
+            index=index, progress=cfg.progress,
         ))
         rows = np.intersect1d(rows, np.load(out / "dedup" / "keep.npy"))
     if cfg.relative_dedup.enabled:
         record("dedup-relative", stages.relative_dedup_stage(
             embeddings, list(cfg.relative_dedup.against), out / "dedup_relative",
-            threshold=cfg.relative_dedup.threshold, **index,
+            threshold=cfg.relative_dedup.threshold, index=index, progress=cfg.progress,
         ))
         rows = np.intersect1d(rows, np.load(out / "dedup_relative" / "keep.npy"))
     if cfg.retrieval.enabled:
@@ -86,7 +84,7 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
         cluster_based = r.clusters is not None
         record("retrieve", stages.retrieve_stage(
             embeddings, r.queries, out / "retrieve", k=None if cluster_based else r.k, clusters=r.clusters,
-            per_cluster=r.per_cluster, **index,
+            per_cluster=r.per_cluster, index=index, progress=cfg.progress,
         ))
         rows = np.intersect1d(rows, np.load(out / "retrieve" / "selected.npy"))
     filtered = _save_if_changed(out / "filtered_rows.npy", rows)

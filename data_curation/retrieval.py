@@ -23,7 +23,7 @@ from .arrays import (
     validate_k,
     validate_same_dim,
 )
-from .index import build_index, is_exact, measure_recall, resolve_device, search
+from .index import IndexOptions, is_exact, measure_recall, resolve_device, search
 from .kmeans import assign, kmeans
 
 
@@ -40,34 +40,26 @@ def retrieve_nearest(
     queries: np.ndarray,
     k: int,
     *,
-    factory: str = "Flat",
-    search_params: str = "",
-    device: str = "auto",
-    train_size: int = 200_000,
-    recall_sample: int = 1000,
-    seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    index: IndexOptions = IndexOptions(),
     work_dir=None,
     progress: bool = True,
 ) -> NearestRetrieval:
-    validate_embeddings(embeddings, "embeddings", chunk_rows)
-    validate_embeddings(queries, "queries", chunk_rows)
+    validate_embeddings(embeddings, "embeddings", index.chunk_rows)
+    validate_embeddings(queries, "queries", index.chunk_rows)
     validate_same_dim(queries, embeddings, "queries")
     k = validate_k(k, embeddings.shape[0])
     cache = None if work_dir is None else f"{work_dir}/index.faiss"
-    index = build_index(
-        embeddings, factory, search_params=search_params, device=device, train_size=train_size,
-        seed=seed, chunk_rows=chunk_rows, cache_path=cache, progress=progress,
-    )
+    faiss_index = index.build(embeddings, cache_path=cache, progress=progress)
     similarities, neighbors = search(
-        index, queries, k, chunk_rows=chunk_rows, progress=progress, desc="retrieve",
+        faiss_index, queries, k, chunk_rows=index.chunk_rows, progress=progress, desc="retrieve",
         work_dir=None if work_dir is None else f"{work_dir}/knn",
     )
     found = neighbors[neighbors >= 0]
     recall = None
-    if not is_exact(index) and recall_sample > 0:
+    if not is_exact(faiss_index) and index.recall_sample > 0:
         recall = measure_recall(
-            index, embeddings, k, queries=queries, sample_size=recall_sample, seed=seed, chunk_rows=chunk_rows,
+            faiss_index, embeddings, k, queries=queries, sample_size=index.recall_sample, seed=index.seed,
+            chunk_rows=index.chunk_rows,
         )
     return NearestRetrieval(neighbors, similarities, np.unique(found).astype(np.int64), recall)
 

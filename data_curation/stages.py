@@ -34,17 +34,10 @@ from .arrays import (
     write_lines_atomic,
     write_text_atomic,
 )
-from .index import validate_index_spec
+from .index import IndexOptions
 from .stage_state import StageResult, StageState
 
 logger = logging.getLogger(__name__)
-
-
-def _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows):
-    return dict(
-        factory=factory, search_params=search_params, device=device, train_size=train_size,
-        recall_sample=recall_sample, seed=seed, chunk_rows=chunk_rows,
-    )
 
 
 # ----------------------------------------------------------------------------- embed
@@ -193,22 +186,20 @@ def _load_pool(path, what="embeddings", chunk_rows=DEFAULT_CHUNK_ROWS) -> np.nda
 
 
 def self_dedup_stage(
-    embeddings_path, output_dir, *, k: int, threshold: float, factory: str = "Flat", search_params: str = "",
-    device: str = "auto", train_size: int = 200_000, recall_sample: int = 1000, seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+    embeddings_path, output_dir, *, k: int, threshold: float, index: IndexOptions = IndexOptions(),
+    progress: bool = True,
 ) -> StageResult:
     """-> components.npy (component id per row), keep.npy (lowest row per component)."""
-    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
     threshold = validate_threshold(threshold)
     validate_k(k, pool.shape[0], excluding_self=True)
-    validate_index_spec(pool.shape[1], factory, search_params, device)
-    options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
-    params = dict(k=k, threshold=threshold, **{n: v for n, v in options.items() if n != "device"})
+    index.validate(pool.shape[1])
+    params = dict(k=k, threshold=threshold, **index.stage_params())
     state = StageState(output_dir, "dedup", params, [embeddings_path], ["components.npy", "keep.npy"])
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
-    result = dedup.self_dedup(pool, k, threshold, work_dir=work, progress=progress, **options)
+    result = dedup.self_dedup(pool, k, threshold, index=index, work_dir=work, progress=progress)
     save_npy_atomic(Path(output_dir) / "components.npy", result.components)
     save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
     summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "edges": result.num_edges}
@@ -219,27 +210,25 @@ def self_dedup_stage(
 
 
 def relative_dedup_stage(
-    embeddings_path, against: Sequence, output_dir, *, threshold: float, factory: str = "Flat", search_params: str = "",
-    device: str = "auto", train_size: int = 200_000, recall_sample: int = 1000, seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+    embeddings_path, against: Sequence, output_dir, *, threshold: float, index: IndexOptions = IndexOptions(),
+    progress: bool = True,
 ) -> StageResult:
     """-> keep.npy (rows with no reference at cosine >= threshold), nearest_similarity.npy."""
-    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
+    pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
     if not against:
         raise CurationInputError("relative dedup needs at least one reference file (--against R.npy)")
-    references = [_load_pool(path, "reference embeddings", chunk_rows) for path in against]
+    references = [_load_pool(path, "reference embeddings", index.chunk_rows) for path in against]
     for path, ref in zip(against, references):
         validate_same_dim(ref, pool, f"reference embeddings ({path})")
     threshold = validate_threshold(threshold)
-    validate_index_spec(pool.shape[1], factory, search_params, device)
-    options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
-    params = dict(threshold=threshold, **{n: v for n, v in options.items() if n != "device"})
+    index.validate(pool.shape[1])
+    params = dict(threshold=threshold, **index.stage_params())
     state = StageState(output_dir, "dedup-relative", params, [embeddings_path, *against], ["keep.npy", "nearest_similarity.npy"])
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
     reference = np.concatenate([np.asarray(r, dtype=np.float32) for r in references])
-    result = dedup.relative_dedup(pool, reference, threshold, work_dir=work, progress=progress, **options)
+    result = dedup.relative_dedup(pool, reference, threshold, index=index, work_dir=work, progress=progress)
     save_npy_atomic(Path(output_dir) / "nearest_similarity.npy", result.nearest_similarity)
     save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
     summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "references": int(reference.shape[0])}
@@ -254,15 +243,13 @@ def relative_dedup_stage(
 
 def retrieve_stage(
     embeddings_path, queries_path, output_dir, *, k: int | None = None, clusters: int | None = None,
-    per_cluster: int | None = None, factory: str = "Flat", search_params: str = "", device: str = "auto",
-    train_size: int = 200_000, recall_sample: int = 1000, niter: int = 20, seed: int = 0,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
+    per_cluster: int | None = None, niter: int = 20, index: IndexOptions = IndexOptions(), progress: bool = True,
 ) -> StageResult:
     """Sample-based (``k``) -> neighbors.npy, similarities.npy, selected.npy; cluster-based
     (``clusters`` + ``per_cluster``) -> selected.npy, query_clusters.npy, assignment.npy,
-    centroids.npy."""
-    pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
-    queries = _load_pool(queries_path, "queries", chunk_rows)
+    centroids.npy. Cluster-based retrieval uses only the seed, device and chunk_rows of ``index``."""
+    pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
+    queries = _load_pool(queries_path, "queries", index.chunk_rows)
     validate_same_dim(queries, pool, f"queries ({queries_path})")
     by_clusters = clusters is not None or per_cluster is not None
     if by_clusters and (clusters is None or per_cluster is None):
@@ -271,20 +258,20 @@ def retrieve_stage(
         raise CurationInputError("give either --k K (sample-based) or --clusters N --per-cluster M (cluster-based), not both")
     if k is not None:
         validate_k(k, pool.shape[0])
-        validate_index_spec(pool.shape[1], factory, search_params, device)
+        index.validate(pool.shape[1])
         outputs = ["neighbors.npy", "similarities.npy", "selected.npy"]
     else:
         outputs = ["selected.npy", "query_clusters.npy", "assignment.npy", "centroids.npy"]
-    params = dict(k=k, clusters=clusters, per_cluster=per_cluster, factory=factory, search_params=search_params,
-                  train_size=train_size, recall_sample=recall_sample, niter=niter, seed=seed)
+    # chunk_rows has never been part of this fingerprint; adding it would redo finished runs.
+    index_params = {name: value for name, value in index.stage_params().items() if name != "chunk_rows"}
+    params = dict(k=k, clusters=clusters, per_cluster=per_cluster, niter=niter, **index_params)
     state = StageState(output_dir, "retrieve", params, [embeddings_path, queries_path], outputs)
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
     out = Path(output_dir)
     if k is not None:
-        options = _index_options(factory, search_params, device, train_size, recall_sample, seed, chunk_rows)
-        result = retrieval.retrieve_nearest(pool, queries, k, work_dir=work, progress=progress, **options)
+        result = retrieval.retrieve_nearest(pool, queries, k, index=index, work_dir=work, progress=progress)
         save_npy_atomic(out / "neighbors.npy", result.neighbors)
         save_npy_atomic(out / "similarities.npy", result.similarities)
         summary = {"queries": int(queries.shape[0]), "k": k}
@@ -293,7 +280,8 @@ def retrieve_stage(
             summary["recall_at_k"] = round(result.recall["recall_at_k"], 4)
     else:
         result = retrieval.retrieve_by_clusters(
-            pool, queries, clusters, per_cluster, niter=niter, seed=seed, device=device, chunk_rows=chunk_rows
+            pool, queries, clusters, per_cluster, niter=niter, seed=index.seed, device=index.device,
+            chunk_rows=index.chunk_rows,
         )
         save_npy_atomic(out / "query_clusters.npy", result.query_clusters)
         save_npy_atomic(out / "assignment.npy", result.assignment)

@@ -5,6 +5,7 @@ import pytest
 
 from data_curation.arrays import CurationInputError
 from data_curation.dedup import components_of, relative_dedup, self_dedup, similarity_graph
+from data_curation.index import IndexOptions
 from data_curation.stages import relative_dedup_stage, self_dedup_stage
 from data_curation.synthetic import planted_near_copies, planted_pool, random_unit_vectors
 
@@ -32,7 +33,7 @@ def test_planted_data_is_what_the_test_assumes(planted):
 
 @pytest.mark.parametrize("factory,params", [("Flat", ""), ("IVF32,Flat", "nprobe=4"), ("HNSW16", "efSearch=64")])
 def test_self_dedup_components_equal_planted_groups(planted, factory, params):
-    result = self_dedup(planted.embeddings, 8, THRESHOLD, factory=factory, search_params=params, progress=False)
+    result = self_dedup(planted.embeddings, 8, THRESHOLD, index=IndexOptions(factory=factory, search_params=params), progress=False)
     np.testing.assert_array_equal(result.components, planted.components)
     np.testing.assert_array_equal(result.keep, lowest_row_per_group(planted.components))
     for rows in planted.chains:  # chains end up in one component although their ends are not similar
@@ -77,15 +78,15 @@ def test_dedup_stage_is_idempotent_and_resumable(planted, tmp_path):
     path = tmp_path / "embeddings.npy"
     np.save(path, planted.embeddings)
     out = tmp_path / "dedup"
-    first = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, chunk_rows=500, progress=False)
+    first = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False)
     assert not first.skipped and first.summary["kept"] == np.unique(planted.components).size
     assert not (out / ".work").exists()  # partial results are cleaned up
     mtime = (out / "keep.npy").stat().st_mtime_ns
-    again = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, chunk_rows=500, progress=False)
+    again = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False)
     assert again.skipped and "nothing to do" in again.describe()
     assert (out / "keep.npy").stat().st_mtime_ns == mtime
     # Another threshold is another stage run: it is redone, not skipped.
-    changed = self_dedup_stage(path, out, k=8, threshold=0.999, chunk_rows=500, progress=False)
+    changed = self_dedup_stage(path, out, k=8, threshold=0.999, index=IndexOptions(chunk_rows=500), progress=False)
     assert not changed.skipped and changed.summary["kept"] == planted.embeddings.shape[0]
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from data_curation.arrays import CurationInputError
+from data_curation.index import IndexOptions
 from data_curation.retrieval import retrieve_by_clusters, retrieve_nearest
 from data_curation.stages import retrieve_stage
 from data_curation.synthetic import long_tailed_mixture, random_unit_vectors
@@ -13,7 +14,7 @@ def test_sample_based_retrieval_equals_brute_force():
     rng = np.random.default_rng(0)
     pool = random_unit_vectors(1500, 32, rng)
     queries = random_unit_vectors(25, 32, rng) * 3.0
-    result = retrieve_nearest(pool, queries, 6, chunk_rows=7, progress=False)
+    result = retrieve_nearest(pool, queries, 6, index=IndexOptions(chunk_rows=7), progress=False)
     sims = (queries / 3.0).astype(np.float64) @ pool.astype(np.float64).T
     ref_ids = np.argsort(-sims, axis=1)[:, :6]
     np.testing.assert_array_equal(result.neighbors, ref_ids)
@@ -25,7 +26,7 @@ def test_sample_based_retrieval_equals_brute_force():
 def test_approximate_retrieval_reports_recall():
     rng = np.random.default_rng(1)
     pool = random_unit_vectors(3000, 32, rng)
-    result = retrieve_nearest(pool, pool[:50], 5, factory="IVF32,Flat", search_params="nprobe=32", progress=False)
+    result = retrieve_nearest(pool, pool[:50], 5, index=IndexOptions(factory="IVF32,Flat", search_params="nprobe=32"), progress=False)
     assert result.recall["recall_at_k"] == 1.0  # probing every cell is exhaustive
     np.testing.assert_array_equal(result.neighbors[:, 0], np.arange(50))
 
