@@ -85,4 +85,4 @@ def test_a_checkpoint_of_another_architecture_names_the_mismatching_keys(tmp_pat
                        match=r"shape mismatches: .*student\.backbone\.cls_token: checkpoint \(1, 1, 32\) vs run \(1, 1, 48\)"):
         Trainer(load_config(None, common + ["student.embed_dim=48"]), tmp_path / "run")
     assert main(["--output-dir", str(tmp_path / "run"), *common, "student.depth=1"]) == 2
-    assert "model keys in the checkpoint but not in this run: student.backbone.blocks.1." in capsys.readouterr().err
+    assert "model: keys in the checkpoint but not in the run: student.backbone.blocks.1." in capsys.readouterr().err

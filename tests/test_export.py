@@ -73,4 +73,4 @@ def test_export_errors_are_clear(trained, tmp_path, capsys):
     (other / "checkpoints" / "step_000000002").symlink_to(run_dir / "checkpoints" / "step_000000002")
     (other / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("depth: 2", "depth: 3"))
     assert main([str(other), str(tmp_path / "y.pth")]) == 2
-    assert "missing keys: blocks.2." in capsys.readouterr().err
+    assert "keys missing from the file: blocks.2." in capsys.readouterr().err

@@ -101,7 +101,7 @@ def test_linear_classifier_concatenates_four_class_tokens_and_mean_patch(tmp_pat
 
 def test_wrong_checkpoint_names_the_keys(tmp_path):
     torch.save(hubconf.dinov2_vits14(pretrained=False, **SMALL).state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(ValueError, match="missing keys: register_tokens"):
+    with pytest.raises(ValueError, match="keys missing from the file: register_tokens"):
         hubconf.dinov2_vits14_reg(weights=str(tmp_path / "plain.pth"), **SMALL)
     with pytest.raises(ValueError, match=r"shape mismatches: .*pos_embed"):
         hubconf.dinov2_vits14(weights=str(tmp_path / "plain.pth"), img_size=42, depth=2)

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from dinov2.checkpoint.keys import key_mismatches
+
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{9})$")
@@ -64,31 +66,16 @@ def read_metadata(path: str | Path):
     return dcp.FileSystemReader(str(path)).read_metadata()
 
 
-def _listing(items: list[str]) -> str:
-    return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-
-
 def check_fits(state: dict[str, Any], metadata, path: str | Path, sections: Iterable[str] = ("model",)) -> None:
     """Raise :class:`CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor of
     the flat ``state[section]`` dicts (e.g. ``state["model"]``) against the checkpoint."""
     problems = []
     for section in sections:
-        wanted = state.get(section, {})
         prefix = f"{section}."
-        saved = {k[len(prefix):]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix)}
-        missing = sorted(set(wanted) - set(saved))
-        unexpected = sorted(set(saved) - set(wanted))
-        mismatched = [
-            f"{k}: checkpoint {tuple(saved[k].size)} vs run {tuple(v.shape)}"
-            for k, v in wanted.items()
-            if k in saved and hasattr(v, "shape") and hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(v.shape)
-        ]
-        if missing:
-            problems.append(f"{section} keys missing from the checkpoint: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"{section} keys in the checkpoint but not in this run: {_listing(unexpected)}")
-        if mismatched:
-            problems.append(f"{section} shape mismatches: {_listing(mismatched)}")
+        saved = {k[len(prefix):]: getattr(v, "size", ()) for k, v in metadata.state_dict_metadata.items()
+                 if k.startswith(prefix)}
+        wanted = {k: getattr(v, "shape", saved.get(k, ())) for k, v in state.get(section, {}).items()}
+        problems += [f"{section}: {p}" for p in key_mismatches(wanted, saved, found_name="checkpoint", wanted_name="run")]
     if problems:
         raise CheckpointMismatchError(
             f"checkpoint {path} was written by another architecture or config: " + "; ".join(problems)

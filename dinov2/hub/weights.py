@@ -15,6 +15,8 @@ from urllib.request import url2pathname
 import torch
 from torch import nn
 
+from dinov2.checkpoint.keys import key_mismatches
+
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 
 
@@ -90,24 +92,8 @@ def load_state_dict_from(location: str) -> dict[str, torch.Tensor]:
 def load_exact(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with one error that lists every missing, unexpected or
     mis-shaped key (the usual cause: weights of another architecture or image size)."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        def listing(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {listing(mismatched)}")
-        raise ValueError(f"weights from {source} do not fit {type(module).__name__}: " + "; ".join(parts))
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    problems = key_mismatches(expected, {k: v.shape for k, v in state_dict.items()})
+    if problems:
+        raise ValueError(f"weights from {source} do not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)
