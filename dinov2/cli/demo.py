@@ -49,7 +49,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     output_dir = Path(args.output_dir)
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()

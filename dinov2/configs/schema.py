@@ -128,6 +128,9 @@ class ComputeConfig:
     grad_accum_steps: int = 1
     compile: bool = False
     fused_optimizer: bool = True  # fused AdamW where the device supports it
+    # CPU threads of the training process (torch.set_num_threads); None keeps torch's default.
+    # On a small CPU leave a core to each data worker: oversubscribed cores slow both down.
+    num_threads: Optional[int] = None
 
 
 @dataclass

@@ -99,6 +99,10 @@ class Trainer:
         self.cfg = cfg = with_batch_size_per_gpu(cfg, self.world_size)
         self.output_dir = _prepare_output_dir(output_dir, env)
         self.device = env.device
+        if cfg.compute.num_threads is not None:
+            if cfg.compute.num_threads < 1:
+                raise ConfigError(f"compute.num_threads must be >= 1 (or null for torch's default), got {cfg.compute.num_threads}")
+            torch.set_num_threads(cfg.compute.num_threads)
         if env.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
 

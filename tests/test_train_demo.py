@@ -1,0 +1,47 @@
+"""`make demo` end to end at a tiny length: the three kNN numbers, the files it promises, and the
+raw-pixel baseline against an independent kNN (scikit-learn, cosine, majority vote)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+
+from dinov2.cli import demo
+from dinov2.configs import ConfigError, load_config
+from dinov2.data import load_mnist_demo_arrays, stratified_split
+from dinov2.train.train import Trainer
+
+
+def test_demo_writes_the_three_knn_numbers(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert demo.main([
+            "--output-dir", str(tmp_path), "--fresh", "optim.epochs=1", "train.OFFICIAL_EPOCH_LENGTH=3",
+            "evaluation.knn_every_n_steps=0", "logging.tensorboard=false", "logging.progress_bar=false",
+            "data.num_workers=0",
+        ]) == 0
+    finally:
+        torch.set_num_threads(before)  # the demo config pins one thread for the process
+    results = json.loads((tmp_path / "knn.json").read_text())
+    assert set(results) == {"learned", "random_init", "raw_pixels"}
+    assert all(10.0 <= v <= 100.0 for v in results.values())  # 10 balanced classes: chance is 10 %
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+    # Raw pixels: a weighted (T=0.07) cosine kNN vote vs an unweighted one agree to a few points.
+    cfg = load_config("train/demo_mnist.yaml")
+    images, labels = load_mnist_demo_arrays()
+    train, held_out = stratified_split(labels, cfg.evaluation.val_fraction, cfg.train.seed)
+    pixels = images.reshape(len(images), -1).astype(np.float32)
+    reference = KNeighborsClassifier(n_neighbors=demo.K, metric="cosine").fit(pixels[train], labels[train])
+    reference_top1 = 100.0 * (reference.predict(pixels[held_out]) == labels[held_out]).mean()
+    assert abs(results["raw_pixels"] - reference_top1) < 2.0
+    assert reference_top1 > 85.0  # kNN on MNIST pixels is a strong baseline
+
+
+def test_num_threads_must_be_positive(tmp_path):
+    cfg = load_config("train/demo_mnist.yaml", ["compute.num_threads=0"])
+    with pytest.raises(ConfigError, match="compute.num_threads must be >= 1"):
+        Trainer(cfg, tmp_path)
