@@ -3,9 +3,9 @@ checkpoints that do not fit a model (usually another architecture or image size)
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
-Shapes = Mapping[str, Sequence[int]]
+Shapes = Mapping[str, Optional[Sequence[int]]]  # None: an entry without a shape (an int, bytes)
 
 
 def _listing(items: list[str], limit: int = 8) -> str:
@@ -14,13 +14,13 @@ def _listing(items: list[str], limit: int = 8) -> str:
 
 def key_mismatches(wanted: Shapes, found: Shapes, *, found_name: str = "file", wanted_name: str = "model") -> list[str]:
     """Human-readable problems (empty if ``found`` fits ``wanted`` exactly): keys ``wanted`` has
-    and ``found`` lacks, keys only ``found`` has, and keys whose shapes differ."""
+    and ``found`` lacks, keys only ``found`` has, and keys whose shapes differ (where both have one)."""
     missing = sorted(set(wanted) - set(found))
     unexpected = sorted(set(found) - set(wanted))
     mismatched = [
         f"{k}: {found_name} {tuple(found[k])} vs {wanted_name} {tuple(wanted[k])}"
         for k in wanted
-        if k in found and tuple(found[k]) != tuple(wanted[k])
+        if found.get(k) is not None and wanted[k] is not None and tuple(found[k]) != tuple(wanted[k])
     ]
     problems = []
     if missing:

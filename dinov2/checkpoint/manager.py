@@ -72,9 +72,9 @@ def check_fits(state: dict[str, Any], metadata, path: str | Path, sections: Iter
     problems = []
     for section in sections:
         prefix = f"{section}."
-        saved = {k[len(prefix):]: getattr(v, "size", ()) for k, v in metadata.state_dict_metadata.items()
+        saved = {k[len(prefix):]: getattr(v, "size", None) for k, v in metadata.state_dict_metadata.items()
                  if k.startswith(prefix)}
-        wanted = {k: getattr(v, "shape", saved.get(k, ())) for k, v in state.get(section, {}).items()}
+        wanted = {k: getattr(v, "shape", None) for k, v in state.get(section, {}).items()}
         problems += [f"{section}: {p}" for p in key_mismatches(wanted, saved, found_name="checkpoint", wanted_name="run")]
     if problems:
         raise CheckpointMismatchError(
