@@ -1,3 +1,9 @@
-from .manager import CheckpointManager, CheckpointMismatchError, check_fits, read_metadata
+from .manager import (
+    CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, CheckpointSaveError, check_fits, is_good,
+    read_metadata,
+)
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "check_fits", "read_metadata"]
+__all__ = [
+    "CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "CheckpointSaveError", "check_fits",
+    "is_good", "read_metadata",
+]

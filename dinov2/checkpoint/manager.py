@@ -8,6 +8,13 @@ process) and with one (each rank writes its shards), and reloads on another worl
 With ``async_save`` the state is staged to CPU memory and written by a background thread
 (``dcp.async_save``, on a gloo group of its own so its collectives never interleave with the
 training's); the rename happens at the next save or at ``wait()``. At most one save is in flight.
+
+Failures: a save that fails (disk full, a quota, a read-only directory) removes its partial
+directory and raises :class:`CheckpointSaveError` naming the directory; the older checkpoints are
+untouched. A checkpoint whose state held NaN/inf is marked (``NONFINITE``) and is never the one
+called good; ``keep_last`` never deletes the newest good checkpoint. A checkpoint that cannot be
+read (truncated or missing shard, damaged ``.metadata``) raises :class:`CheckpointCorruptError`, so
+the trainer can fall back to an older one.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, Iterable
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dinov2.checkpoint.keys import key_mismatches
 
@@ -29,10 +37,23 @@ logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{9})$")
 _PARTIAL = re.compile(r"^\.step_(\d{9})\.partial$")
+NONFINITE = "NONFINITE"  # marker file: the saved state held NaN/inf values
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written by another architecture or config."""
+
+
+class CheckpointCorruptError(RuntimeError):
+    """The checkpoint's files cannot be read (truncated, deleted or damaged)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the partial save was removed, older checkpoints are intact."""
+
+
+# DCP raises CheckpointException, a BaseException, for failures on any rank: catch it with these.
+READ_ERRORS = (Exception, CheckpointException)
 
 
 def _distributed() -> bool:
@@ -63,7 +84,15 @@ def read_metadata(path: str | Path):
     path = Path(path)
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
-    return dcp.FileSystemReader(str(path)).read_metadata()
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except READ_ERRORS as error:
+        raise CheckpointCorruptError(f"checkpoint {path}: its .metadata cannot be read ({error!r:.300})") from None
+
+
+def is_good(path: str | Path) -> bool:
+    """True for a checkpoint whose saved state was finite."""
+    return not (Path(path) / NONFINITE).exists()
 
 
 def check_fits(state: dict[str, Any], metadata, path: str | Path, sections: Iterable[str] = ("model",)) -> None:
@@ -104,56 +133,87 @@ class CheckpointManager:
                 found.append((int(match.group(1)), path))
         return sorted(found)
 
-    def latest(self) -> tuple[int, Path] | None:
-        """The newest complete checkpoint. With a process group, rank 0's view is broadcast, so all
-        ranks resume from the same one even where a shared filesystem shows a new rename late
-        (collective: every rank must call it)."""
-        found = self.checkpoints()
-        choice = [found[-1] if found else None]
+    def candidates(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints, newest first, as rank 0 sees them: broadcast, so all ranks try the
+        same ones even where a shared filesystem shows a new rename late (collective)."""
+        found = [list(reversed(self.checkpoints()))]
         if _distributed() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
+            dist.broadcast_object_list(found, src=0)
+        return found[0]
+
+    def latest(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint (collective, see ``candidates``)."""
+        found = self.candidates()
+        return found[0] if found else None
+
+    def latest_good(self) -> tuple[int, Path] | None:
+        """The newest complete checkpoint whose state was finite (this process's view)."""
+        good = [(step, path) for step, path in self.checkpoints() if is_good(path)]
+        return good[-1] if good else None
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], *, finite: bool = True) -> Path:
         """Write ``state`` as ``step_{step}`` (collective). Returns the final path; with async_save it
-        appears when the background write completes (see ``wait``)."""
+        appears when the background write completes (see ``wait``). ``finite=False`` marks a state that
+        held NaN/inf (kept for inspection, never called good)."""
         self.wait()
         final = self.directory / f"step_{step:09d}"
         temporary = self.directory / f".step_{step:09d}.partial"
         if _is_rank_zero():
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise CheckpointSaveError(f"cannot create the checkpoint directory {self.directory}: {error}") from None
             shutil.rmtree(temporary, ignore_errors=True)
         _barrier()
         context = _quiet()
         try:
             if self.async_save:
                 future = dcp.async_save(state, checkpoint_id=str(temporary), process_group=self._async_group)
-                self._pending = (temporary, final, future)
+                self._pending = (temporary, final, future, finite)
                 return final
             dcp.save(state, checkpoint_id=str(temporary))
+        except READ_ERRORS as error:
+            self._abandon(temporary, error)
         finally:
             context.__exit__(None, None, None)
-        self._publish(temporary, final)
+        self._publish(temporary, final, finite)
         return final
 
     def wait(self) -> None:
         """Finish an in-flight async save: wait for the write, then publish it (collective)."""
         if self._pending is None:
             return
-        temporary, final, future = self._pending
+        temporary, final, future, finite = self._pending
         self._pending = None
-        future.result()
-        self._publish(temporary, final)
+        try:
+            future.result()
+        except READ_ERRORS as error:
+            self._abandon(temporary, error)
+        self._publish(temporary, final, finite)
 
-    def _publish(self, temporary: Path, final: Path) -> None:
+    def _abandon(self, temporary: Path, error: BaseException) -> None:
+        if _is_rank_zero():
+            shutil.rmtree(temporary, ignore_errors=True)
+        detail = str(error).strip().splitlines()
+        raise CheckpointSaveError(
+            f"could not write a checkpoint in {self.directory} ({type(error).__name__}: "
+            f"{(detail[-1] if detail else '')[:300]}); is the disk full? The partial save was removed and the "
+            f"older checkpoints are intact."
+        ) from None
+
+    def _publish(self, temporary: Path, final: Path, finite: bool = True) -> None:
         _barrier()  # every rank has written its shards (rank 0 wrote .metadata last)
         if _is_rank_zero():
+            if not finite:
+                (temporary / NONFINITE).write_text("the saved state held NaN/inf values\n")
             if final.exists():
                 shutil.rmtree(final)
             temporary.rename(final)  # atomic on one filesystem: a checkpoint is whole or absent
+            good = self.latest_good()
             for _, old in self.checkpoints()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if good is None or old != good[1]:  # the newest good checkpoint is never deleted
+                    shutil.rmtree(old, ignore_errors=True)
             for stale in self.directory.iterdir():  # left by runs killed during a save
                 if _PARTIAL.match(stale.name):
                     shutil.rmtree(stale, ignore_errors=True)
@@ -173,7 +233,10 @@ class CheckpointManager:
         context = _quiet()
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as error:
-            raise RuntimeError(f"checkpoint {path} does not fit this run: {error}".splitlines()[0][:2000]) from error
+        except READ_ERRORS as error:
+            detail = str(error).strip().splitlines()
+            raise CheckpointCorruptError(
+                f"checkpoint {path} cannot be read ({type(error).__name__}: {(detail[-1] if detail else '')[:300]})"
+            ) from None
         finally:
             context.__exit__(None, None, None)

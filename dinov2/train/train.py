@@ -4,9 +4,17 @@
     torchrun --nproc-per-node 8 -m dinov2.train.train --config ... --output-dir ...   (or dinov2-submit)
 
 Each step: schedules -> (micro-batches: teacher targets, packed student pass, losses, backward)
--> non-finite check -> unscale/clip -> AdamW -> EMA teacher. Checkpoints hold every piece of
-state (model, teacher, optimizer, loss centers, step, data position, RNG), so a resumed run
-reproduces the uninterrupted one bitwise on CPU.
+-> unscale/clip -> finiteness decided on the device -> AdamW -> EMA teacher. A non-finite step
+leaves no trace (optimizer, teacher, loss centers, grad scaler as before it) and is counted. With
+fused AdamW and no fp16 grad scaler this takes no host-device synchronisation. Checkpoints hold
+every piece of state (model, teacher, optimizer, loss centers, step, data position, RNG), so a
+resumed run reproduces the uninterrupted one bitwise on CPU.
+
+What survives what: ``kill -9`` at any moment (checkpoints are atomic; the run resumes from the
+newest complete one), SIGTERM / Ctrl-C (the current step ends, a checkpoint is written, exit
+128 + signal), a damaged newest checkpoint (the previous one is used, with a warning), a failed
+save (disk full: a clear error, older checkpoints intact), a second run in the same directory
+(refused: the directory is locked), ``--no-resume`` over an old run (moved to previous_runs/).
 
 Distributed (a ``DistributedEnv`` with a process group, see dinov2/distributed): student and
 teacher are FSDP2-sharded, each rank reads its share of every global batch
@@ -31,19 +39,23 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dinov2.checkpoint import CheckpointManager, read_metadata
+from dinov2.checkpoint import (
+    CheckpointCorruptError, CheckpointManager, CheckpointSaveError, read_metadata,
+)
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
 from dinov2.configs import ConfigError, load_config, save_config
 from dinov2.distributed import (
     DistributedEnv, DistributedSetupError, any_rank, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
-    shard_ssl_model,
 )
+from dinov2.distributed.parallelize import build_training_model
 from dinov2.logging import MetricsWriter
+from dinov2.logging.metrics import MetricsFileError
 from dinov2.train.knn_monitor import KnnMonitor
-from dinov2.train.build import batch_to_device, build_dataset, build_train_loader, ensure_writable_dir, resolve_device
+from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir, resolve_device
 from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
+from dinov2.train.run_dir import RunDirectoryBusyError, RunLock, archive_previous_run
 from dinov2.train.schedules import build_schedules
-from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.train.signals import StopOnSignal, TrainingInterrupted
 
 logger = logging.getLogger("dinov2.train")
 
@@ -98,18 +110,27 @@ class Trainer:
         self.rank, self.world_size = env.rank, env.world_size
         self.cfg = cfg = with_batch_size_per_gpu(cfg, self.world_size)
         self.output_dir = _prepare_output_dir(output_dir, env)
+        # Rank 0 holds the run directory for the life of the run (a second run is refused at once).
+        self._lock = RunLock(self.output_dir).acquire() if env.is_main else None
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, resume: bool) -> None:
+        env = self.env
+        if not resume and env.is_main:
+            archive_previous_run(self.output_dir)  # --no-resume never mixes with an old run
         self.device = env.device
         if cfg.compute.num_threads is not None:
             if cfg.compute.num_threads < 1:
                 raise ConfigError(f"compute.num_threads must be >= 1 (or null for torch's default), got {cfg.compute.num_threads}")
             torch.set_num_threads(cfg.compute.num_threads)
-        if env.is_main:
-            save_config(cfg, self.output_dir / "config.yaml")
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.model = SSLMetaArch(cfg).to(self.device).train()
-        if env.is_distributed:
-            shard_ssl_model(self.model, env.mesh, cfg.distributed)
+        # Meta-device build, activation checkpointing, compile, FSDP2, init on the device, attention kernel.
+        self.model = build_training_model(cfg, env)
         if self.world_size > 1:
             seed_rank(cfg.train.seed, self.rank)  # from here on, stochastic depth differs per rank
         self.accum_steps = cfg.compute.grad_accum_steps
@@ -135,19 +156,36 @@ class Trainer:
         else:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.compute.precision == "fp16")
 
+        # Fused AdamW skips a step on the device (its found_inf input): no host sync per step. The fp16
+        # grad scaler and the foreach optimizer need the decision on the host.
+        self.device_side_skip = bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+        self._host_group = dist.new_group(backend="gloo") if env.is_distributed else None  # stop requests
         self.step = 0
         self.nonfinite_steps = 0
+        self._nonfinite_new = torch.zeros((), dtype=torch.int64, device=self.device)  # not yet counted on host
         self.data_position = 0
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
         )
-        if resume and (latest := self.checkpoints.latest()) is not None:
-            self.load_checkpoint(latest[1])
+        if resume:
+            self._resume()
 
         self.dataset = build_dataset(cfg.data.dataset, cfg.student.in_chans)
         self.knn_monitor = KnnMonitor(cfg) if cfg.evaluation.knn_every_n_steps > 0 else None
-        self.metrics = MetricsWriter(self.output_dir, tensorboard=cfg.logging.tensorboard, enabled=env.is_main)
-        self.metrics.truncate_after(self.step)
+        # Written only once the resume was accepted: a rejected resume leaves the run's config as it was.
+        if env.is_main:
+            _write_atomically(self.output_dir / "config.yaml", lambda path: save_config(cfg, path))
+        self.metrics = MetricsWriter(self.output_dir, tensorboard=cfg.logging.tensorboard, enabled=env.is_main,
+                                     resume_step=self.step)
+
+    def close(self) -> None:
+        """Release the run directory (also done at the end of ``fit``)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -189,8 +227,35 @@ class Trainer:
         logger.info("resumed from %s at step %d (written on %d ranks, now %d)", path, self.step, saved_world,
                     self.world_size)
 
+    def _resume(self) -> None:
+        """Load the newest checkpoint that can be read; damaged newer ones are named and passed over."""
+        damaged = []
+        for _, path in self.checkpoints.candidates():
+            try:
+                self.load_checkpoint(path)
+            except CheckpointCorruptError as error:
+                logger.warning("%s; trying the previous checkpoint", error)
+                damaged.append(str(path))
+                continue
+            if damaged:
+                logger.warning("resumed from %s: the newer checkpoint(s) %s could not be read", path, ", ".join(damaged))
+            return
+        if damaged:
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.checkpoints.directory} can be read (damaged: {', '.join(damaged)}); "
+                f"to start over, run with --no-resume (the old run is moved to previous_runs/)"
+            )
+
+    def _state_is_finite(self) -> bool:
+        """Every floating tensor of the model (student, teacher, loss centers) is finite, on all ranks."""
+        tensors = [t.to_local() if hasattr(t, "to_local") else t for t in self.model.state_dict().values()]
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point() and t.numel()]
+        finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.device)
+        return bool(self._all_ranks(finite))
+
     def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, self.state_dict())
+        self._sync_nonfinite_count()
+        return self.checkpoints.save(self.step, self.state_dict(), finite=self._state_is_finite())
 
     # ------------------------------------------------------------------ one step
     def _clip_gradients(self) -> dict[str, torch.Tensor]:
@@ -202,42 +267,117 @@ class Trainer:
                 norms[f"grad_norm_{name}"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return norms
 
-    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor] | None:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; None if it was skipped."""
+    def _all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (0-dim bool on the device) true on every rank; an all-reduce on the device, no host sync."""
+        if self.env.is_distributed:
+            value = flag.to(torch.int32)
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+            return value.bool()
+        return flag
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches. Returns device tensors, among
+        them ``skipped`` (1 if a loss or gradient norm was non-finite: nothing of the step was kept)."""
         values = self.schedules.at(self.step)
         apply_schedule_to_groups(self.optimizer.param_groups, values["lr"], values["last_layer_lr"], values["weight_decay"])
         self.optimizer.zero_grad(set_to_none=True)
+        centers = self.model.loss_centers()  # updated inside the forward pass: restored if the step is skipped
+        centers_before = [center.clone() for center in centers]
+        scaler_before = self.scaler.state_dict() if self.scaler.is_enabled() else None
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         logs: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
-            batch = batch_to_device(batch, self.device)
+            batch = batch.to(self.device, non_blocking=True)
             with self.autocast:
                 loss, micro_logs = self.model(batch, teacher_temp=values["teacher_temp"])
-            # Decided together: a rank that skipped alone would leave the others waiting in backward.
-            if any_rank(not torch.isfinite(loss), self.device):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
+            finite = finite & torch.isfinite(loss).all()
             self.scaler.scale(loss / len(micro_batches)).backward()
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / len(micro_batches)
         self.scaler.unscale_(self.optimizer)
-        logs.update(self._clip_gradients())
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.model.update_teacher(values["teacher_momentum"])
+        norms = self._clip_gradients()
+        logs.update(norms)
+        if not self.scaler.is_enabled():  # with fp16 the scaler itself handles overflowing gradients
+            for norm in norms.values():
+                finite = finite & torch.isfinite(norm)
+        finite = self._all_ranks(finite)  # a skip must be global: parameters are sharded over ranks
+
+        if self.device_side_skip:
+            self.optimizer.found_inf = (~finite).float()  # fused AdamW leaves params, moments, step as they were
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            momentum = torch.where(finite, values["teacher_momentum"], 1.0)
+            self.model.update_teacher(momentum)
+            for center, before in zip(centers, centers_before):
+                center.copy_(torch.where(finite, center, before))
+        elif bool(finite):  # one host sync
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.model.update_teacher(values["teacher_momentum"])
+        else:
+            self.scaler.update()  # ends the scaler's step (unscale_ was called) ...
+            if scaler_before is not None:
+                self.scaler.load_state_dict(scaler_before)  # ... without changing its scale
+            for center, before in zip(centers, centers_before):
+                center.copy_(before)
+        skipped = (~finite).to(torch.int64)
+        self._nonfinite_new += skipped
         logs.update({k: torch.tensor(v) for k, v in values.items()})
+        logs["skipped"] = skipped
         return logs
 
     # ------------------------------------------------------------------ loop
-    def _stop_for_nonfinite(self) -> None:
+    def _sync_nonfinite_count(self) -> None:
+        """Fold the steps skipped since the last look into ``nonfinite_steps`` (a host sync: only at
+        logging and checkpoint steps) and stop with a clear message past ``train.max_nonfinite_steps``."""
+        new = int(self._nonfinite_new)
+        if not new:
+            return
+        self._nonfinite_new.zero_()
+        self.nonfinite_steps += new
+        logger.warning("non-finite loss or gradients: %d step(s) skipped up to step %d (%d in total)", new, self.step,
+                       self.nonfinite_steps)
+        if self.nonfinite_steps >= self.cfg.train.max_nonfinite_steps:
+            latest = self.checkpoints.latest_good()
+            where = f"the last good checkpoint is {latest[1]}" if latest else "no good checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"the loss was non-finite (NaN/inf) on {self.nonfinite_steps} steps, the last at or before step "
+                f"{self.step} (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); {where}. Check the "
+                f"data for NaN/inf values, or try a lower optim.base_lr, a longer optim.warmup_epochs, or "
+                f"compute.precision=bf16/fp32 instead of fp16."
+            )
+
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
+        """Whether any rank received a stop signal (a CPU all-reduce when distributed, not a device sync)."""
+        if self._host_group is None:
+            return stop.requested
+        flag = torch.tensor([1 if stop.requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host_group)
+        return bool(flag.item())
+
+    def _interrupt(self, stop: StopOnSignal) -> None:
+        """Write a checkpoint at the step just finished and stop (or let a launcher's handler take over)."""
         latest = self.checkpoints.latest()
-        where = f"the last good checkpoint is {latest[1]}" if latest else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"the loss was non-finite (NaN/inf) on {self.nonfinite_steps} steps, the last at step {self.step} "
-            f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); {where}. Try a lower optim.base_lr, "
-            f"a longer optim.warmup_epochs, or compute.precision=bf16/fp32 instead of fp16."
-        )
+        path = latest[1] if latest is not None and latest[0] == self.step else self.save_checkpoint()
+        self.checkpoints.wait()
+        name = stop.name or "a stop signal on another rank"
+        message = f"stopped on {name} after step {self.step}; checkpoint {path}; rerun the same command to resume"
+        logger.warning(message)
+        handler = stop.chained_handler()
+        if handler is not None:  # e.g. submitit's SIGUSR2: requeue the job (it resumes from this checkpoint)
+            handler(stop.signum, None)
+        raise TrainingInterrupted(stop.signum or 15, message)
 
     def fit(self) -> dict:
+        try:
+            with StopOnSignal() as stop:
+                return self._fit(stop)
+        finally:
+            self.close()
+
+    def _fit(self, stop: StopOnSignal) -> dict:
         cfg = self.cfg
         if self.step >= self.total_steps:
             logger.info("nothing to do: step %d >= total %d", self.step, self.total_steps)
@@ -256,22 +396,20 @@ class Trainer:
                 micro_batches = [next(batches) for _ in range(self.accum_steps)]
                 self.data_position = loader.position
                 logs = self.train_step(micro_batches)
-                if logs is None:
-                    self.nonfinite_steps += 1
-                    logger.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.nonfinite_steps)
-                    if self.nonfinite_steps >= cfg.train.max_nonfinite_steps:
-                        self._stop_for_nonfinite()
                 self.step += 1
-                if logs is not None and (self.step % cfg.logging.every_n_steps == 0 or self.step == self.total_steps):
-                    if self.env.is_distributed:  # metrics describe the global batch
-                        last = mean_over_ranks(logs, self.device)
-                    else:
-                        last = {k: float(v) for k, v in logs.items()}
-                    last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=loader.skipped_samples,
-                                seconds=time.perf_counter() - started)
-                    self.metrics.write(self.step, last)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{last['lr']:.2e}")
+                if self.step % cfg.logging.every_n_steps == 0 or self.step == self.total_steps:
+                    self._sync_nonfinite_count()
+                    if not bool(logs["skipped"]):  # a skipped step's losses are NaN: nothing to log
+                        if self.env.is_distributed:  # metrics describe the global batch
+                            last = mean_over_ranks(logs, self.device)
+                        else:
+                            last = {k: float(v) for k, v in logs.items()}
+                        del last["skipped"]
+                        last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=loader.skipped_samples,
+                                    seconds=time.perf_counter() - started)
+                        self.metrics.write(self.step, last)
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if self.knn_monitor is not None and self.step % cfg.evaluation.knn_every_n_steps == 0:
                     knn = self.knn_monitor(self.model.teacher.backbone)
                     self.metrics.write(self.step, knn)
@@ -280,13 +418,22 @@ class Trainer:
                     progress.update(1)
                 if self.step % cfg.checkpoint.every_n_steps == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
+                if self._stop_requested(stop):
+                    self._interrupt(stop)
             self.checkpoints.wait()  # an async save still in flight is published before returning
+            self._sync_nonfinite_count()
         finally:
             if progress is not None:
                 progress.close()
             self.metrics.close()
             del batches
         return {"step": self.step, **last}
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -296,7 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default=None, help="recipe YAML (a path, or relative to the packaged configs/)")
     parser.add_argument("--output-dir", required=True, help="where config, metrics, checkpoints go")
-    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the output directory")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start fresh; a run already in the output directory is moved to OUTPUT_DIR/previous_runs/")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.base_lr=1e-3)")
     return parser.parse_args(argv)
 
@@ -316,8 +464,15 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result, env = run(cfg, args.output_dir, resume=not args.no_resume)
-    except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError,
-            DistributedSetupError) as error:  # CheckpointMismatchError is a ValueError
+    except TrainingInterrupted as stopped:
+        print(f"dinov2-train: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except KeyboardInterrupt:
+        print("dinov2-train: interrupted (a second Ctrl-C: no checkpoint written for the current step)", file=sys.stderr)
+        return 130
+    except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError, DistributedSetupError,
+            RunDirectoryBusyError, CheckpointCorruptError, CheckpointSaveError, MetricsFileError) as error:
+        # CheckpointMismatchError and MetricsFileError are ValueErrors
         print(f"dinov2-train: error: {error}", file=sys.stderr)
         return 2
     if env.is_main:
