@@ -17,15 +17,6 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    if not _active():
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
-
-
 def raise_if_any_rank_failed(error: BaseException | None, what: str) -> None:
     """Raise on every rank (naming the ranks that failed and their messages) if any rank failed.
 

@@ -21,11 +21,13 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
+from dinov2.configs.choices import Launcher
+
 logger = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS")
-LAUNCHERS = ("auto", "torchrun", "slurm", "single")
+LAUNCHERS = Launcher.values()  # defined once, in the config schema's enums
 
 
 class LaunchError(RuntimeError):

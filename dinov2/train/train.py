@@ -45,7 +45,7 @@ from dinov2.checkpoint import (
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
 from dinov2.configs import ConfigError, load_config, save_config
 from dinov2.distributed import (
-    DistributedEnv, DistributedSetupError, any_rank, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
+    DistributedEnv, DistributedSetupError, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
 )
 from dinov2.distributed.parallelize import build_training_model
 from dinov2.logging import MetricsWriter
@@ -124,8 +124,6 @@ class Trainer:
             archive_previous_run(self.output_dir)  # --no-resume never mixes with an old run
         self.device = env.device
         if cfg.compute.num_threads is not None:
-            if cfg.compute.num_threads < 1:
-                raise ConfigError(f"compute.num_threads must be >= 1 (or null for torch's default), got {cfg.compute.num_threads}")
             torch.set_num_threads(cfg.compute.num_threads)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
