@@ -27,6 +27,8 @@ def write_folder(root, counts, size=(20, 16)):
 def test_folder_dataset_reads_classes_and_transforms(tmp_path):
     root = write_folder(tmp_path / "data", {"cat": 2, "dog": 3})
     (root / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    (root / "cat" / "._0.png").write_bytes(b"macOS resource fork")  # hidden files are not samples
+    Image.new("RGB", (20, 16)).save(root / "loose.png")  # an image outside any class folder
     ds = load_dataset(str(root), transform=eval_transform(28))
     assert ds.classes == ["cat", "dog"]
     assert dataset_labels(ds).tolist() == [0, 0, 1, 1, 1]

@@ -1,4 +1,4 @@
-"""Unlabelled image sources: a folder, a manifest of paths, a .npy array.
+"""Image sources: a folder, a labelled class-per-folder tree, a manifest of paths, a .npy array.
 
 Every file is read through an iopath ``PathManager`` (``g_pathmgr`` unless one is
 passed), so another storage backend only needs a registered path handler. Items are
@@ -18,55 +18,21 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from iopath.common.file_io import PathManager, g_pathmgr
-from PIL import Image
 from torch.utils.data import Dataset
+
+from .images import image_extensions, list_image_files, load_image  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
 UNLABELLED = -1
 
 
-def image_extensions() -> Tuple[str, ...]:
-    """Lower-case extensions of every format this PIL build can open."""
-    Image.init()
-    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
-
-
-def load_image(path: str, mode: Optional[str] = "RGB", path_manager: Optional[PathManager] = None) -> Image.Image:
-    """Open and fully decode an image (so truncation is detected here, not later)."""
-    pm = path_manager or g_pathmgr
-    with pm.open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return img.convert(mode) if mode is not None and img.mode != mode else img
-
-
-def _is_hidden(name: str) -> bool:
-    # Dot files include macOS "._x.jpg" resource forks, which are never real images.
-    return name.startswith(".")
-
-
-def _list_images(root: str, pm: PathManager, extensions: Sequence[str]) -> List[str]:
-    found: List[str] = []
-    pending = [root]
-    while pending:
-        folder = pending.pop()
-        for name in pm.ls(folder):
-            if _is_hidden(name):
-                continue
-            path = os.path.join(folder, name)
-            if pm.isdir(path):
-                pending.append(path)
-            elif os.path.splitext(name)[1].lower() in extensions:
-                found.append(path)
-    # Sorted so the index -> file mapping (and thus the sample stream) is stable.
-    return sorted(found)
-
-
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursively), unlabelled.
 
-    Any extension PIL can open is taken; other files and hidden entries are ignored.
+    The listing and decoding rules are those of ``images.py``: any extension PIL can
+    decode, hidden entries ignored, cycle-safe, regular files only, each real file once;
+    16-bit images scaled to 8 bits.
     """
 
     def __init__(self, root: str, *, mode: Optional[str] = "RGB", path_manager: Optional[PathManager] = None):
@@ -77,7 +43,7 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"image folder does not exist: {self.root}")
         if not self.path_manager.isdir(self.root):
             raise NotADirectoryError(f"not a folder: {self.root}")
-        self.paths = _list_images(self.root, self.path_manager, image_extensions())
+        self.paths = list_image_files(self.root, path_manager=self.path_manager)
         if not self.paths:
             raise ValueError(f"no images found under {self.root} (searched recursively for files PIL can open)")
         logger.info("ImageFolderDataset: %d images under %s", len(self.paths), self.root)
@@ -90,6 +56,57 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         return load_image(self.paths[index], self.mode, self.path_manager), UNLABELLED
+
+
+class ClassFolderDataset(Dataset):
+    """Labelled images laid out as ``root/<class>/.../<image>`` (torchvision ``ImageFolder``
+    layout): classes are the non-hidden sub-folders in sorted order, the label of an image
+    is the index of its class, samples are ordered by class then path.
+
+    Listed and decoded by the rules of ``images.py`` (one walk over ``root``, cycle-safe);
+    images directly in ``root`` belong to no class and are ignored. Items are
+    ``(transform(image), label)``; ``mode=None`` keeps the file's channels (8-bit).
+    Raises ValueError naming the folder when there are no class folders or a class
+    folder holds no image.
+    """
+
+    def __init__(self, root: str, *, transform=None, mode: Optional[str] = None):
+        self.root = os.fspath(root)
+        self.transform = transform
+        self.mode = mode
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"data folder not found: {self.root}")
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        by_class: dict = {c: [] for c in self.classes}
+        loose = 0
+        for path in list_image_files(self.root):
+            top = os.path.relpath(path, self.root).split(os.sep)
+            if len(top) == 1:
+                loose += 1
+            elif top[0] in by_class:
+                by_class[top[0]].append(path)
+        if not self.classes:
+            hint = f" ({loose} images sit directly in it)" if loose else ""
+            raise ValueError(f"{self.root}: no class sub-folders{hint}; expected ROOT/<class>/<image> for a labelled folder")
+        empty = [c for c in self.classes if not by_class[c]]
+        if len(empty) == len(self.classes):
+            raise ValueError(f"{self.root}: no images found in any class folder (file types PIL can decode)")
+        if empty:
+            raise ValueError(f"{self.root}: class folder(s) without images: {', '.join(empty)}")
+        self.samples: List[Tuple[str, int]] = [(p, self.class_to_idx[c]) for c in self.classes for p in by_class[c]]
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = load_image(path, self.mode)
+        return (self.transform(img) if self.transform is not None else img), target
 
 
 def _dirname(path: str) -> str:
@@ -127,7 +144,9 @@ class ManifestDataset(Dataset):
         base = _dirname(self.manifest_path)
         self.paths: List[str] = []
         self.targets: List[int] = []
-        with self.path_manager.open(self.manifest_path, "r") as f:
+        # surrogateescape: a path that is not valid UTF-8 (os.fsdecode of its bytes, as
+        # curation writes it) comes back as the same str, so it opens the same file.
+        with self.path_manager.open(self.manifest_path, "r", encoding="utf-8", errors="surrogateescape") as f:
             for line_no, raw in enumerate(f, start=1):
                 line = raw.rstrip("\r\n")
                 if not line.strip() or line.lstrip().startswith("#"):

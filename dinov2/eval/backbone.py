@@ -16,13 +16,14 @@ Two ways in (training checkpoints are wired by the trainer's owner):
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 from torch import nn
 
-ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2")
+from dinov2.configs.choices import Arch
+
+ARCHS = Arch.values()  # defined once, in the config schema's enums
 
 
 class BackboneError(ValueError):
@@ -30,26 +31,16 @@ class BackboneError(ValueError):
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """A plain ``{name: tensor}`` dict from ``.safetensors`` or a torch file (weights only)."""
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    if not os.path.isfile(path):
-        raise BackboneError(f"backbone file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    """A plain ``{name: floating tensor}`` dict from ``.safetensors`` or a torch file, read by the
+    loader the hub and the trainer use (``weights_only=True``; a path or a URL)."""
+    from dinov2.hub.weights import WeightsFileError, load_state_dict_from
 
-        return load_file(path, device="cpu")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; one message for all
-        raise BackboneError(f"{path}: not a readable torch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = list(sd)[:5] if isinstance(sd, dict) else type(sd).__name__
-        raise BackboneError(
-            f"{path}: expected a plain backbone state dict {{name: tensor}} (as written by "
-            f"dinov2-export), found {keys}; training checkpoints need --checkpoint"
-        )
-    return sd
+        return load_state_dict_from(path)
+    except FileNotFoundError as e:
+        raise BackboneError(f"backbone file not found: {path}") from e
+    except WeightsFileError as e:
+        raise BackboneError(str(e)) from e
 
 
 def unchunk_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,9 +169,12 @@ def resolve_backbone(
                 "--backbone-file, not a hub name"
             )
         from dinov2.hub.backbones import load_backbone
+        from dinov2.hub.weights import WeightsFileError
 
         try:
             model = load_backbone(name, weights=weights, **hub_kwargs)
+        except WeightsFileError as e:  # refused, corrupt or non-floating: the message names file and keys
+            raise BackboneError(str(e)) from e
         except OSError as e:  # includes URLError: released weights need the network
             raise BackboneError(
                 f"could not load weights {weights!r} for {name} ({e}); pass a local file with "

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .backbone import BackboneError, model_in_chans, resolve_backbone
+from .backbone import ARCHS, BackboneError, model_in_chans, resolve_backbone
 from .data import MNIST_SPEC, DataError, build_splits, dataset_classes, eval_transform, load_dataset, subsample
 from .evaluate import evaluate_knn, evaluate_linear
 from .features import extract_features, resolve_device, save_features
@@ -38,7 +38,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
                    "or 'random' for a randomly initialised backbone")
     g.add_argument("--backbone-file", metavar="FILE", help="plain backbone state dict (.pth/.safetensors, released "
                    "key layout, e.g. from dinov2-export)")
-    g.add_argument("--arch", choices=("vit_small", "vit_base", "vit_large", "vit_giant2"),
+    g.add_argument("--arch", choices=ARCHS,
                    help="architecture of --backbone-file")
     g.add_argument("--patch-size", type=int, help="check against --backbone-file (read from the file otherwise)")
     g.add_argument("--num-register-tokens", type=int, help="check against --backbone-file (read from the file)")
@@ -228,7 +228,7 @@ def cmd_features(args) -> tuple[dict, str]:
         splits = _splits(args, None, tf)
         sets, classes = {"train_": splits.train, "val_": splits.val}, splits.classes
     os.makedirs(args.output_dir, exist_ok=True)
-    files = {}
+    files, skipped = {}, {}
     for prefix, ds in sets.items():
         feats = extract_features(model, ds, n_blocks=args.n_blocks, patch_mean=args.avgpool,
                                  batch_size=args.batch_size, num_workers=args.num_workers,
@@ -236,8 +236,10 @@ def cmd_features(args) -> tuple[dict, str]:
                                  desc=f"{prefix or 'all '}features")
         files[prefix.rstrip("_") or "all"] = save_features(feats, os.path.join(args.output_dir, prefix),
                                                            args.n_blocks, args.avgpool)
+        skipped[prefix.rstrip("_") or "all"] = list(feats.skipped)  # unreadable files, not in the arrays
     res = {"metric": "features", "output_dir": args.output_dir, "n_blocks": args.n_blocks, "avgpool": args.avgpool,
-           "files": files, "classes": classes, "backbone": _describe_backbone(args, model)}
+           "files": files, "classes": classes, "backbone": _describe_backbone(args, model),
+           "skipped_files": {"count": sum(len(v) for v in skipped.values()), **skipped}}
     with open(os.path.join(args.output_dir, "meta.json"), "w") as f:
         json.dump(res, f, indent=2)
     shapes = ", ".join(f"{k} {v['shape']}" for k, v in files.items())

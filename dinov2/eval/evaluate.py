@@ -18,6 +18,12 @@ from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_classify
 from .linear import DEFAULT_CS, DEFAULT_LRS, linear_probe, logistic_regression_probe
 
 
+def skipped_files(**sets) -> dict:
+    """Unreadable files left out of each feature set: ``{"count": n, "train": [names], ...}``."""
+    named = {name: list(feats.skipped) for name, feats in sets.items() if feats is not None}
+    return {"count": sum(len(v) for v in named.values()), **named}
+
+
 def evaluate_knn(
     backbone: nn.Module,
     train_dataset: Dataset,
@@ -38,6 +44,7 @@ def evaluate_knn(
     val = extract_features(backbone, val_dataset, desc="val features", **kw)
     t1 = time.perf_counter()
     result = knn_classify(train.last_cls(), train.labels, val.last_cls(), val.labels, ks, temperature, backend=search)
+    result["skipped_files"] = skipped_files(train=train, val=val)
     result["seconds"] = {"features": round(t1 - t0, 3), "knn": round(time.perf_counter() - t1, 3)}
     return result
 
@@ -82,5 +89,6 @@ def evaluate_linear(
         )
     else:
         result = logistic_regression_probe(train, val, test, cs=cs)
+    result["skipped_files"] = skipped_files(train=train, val=val, test=test)
     result["seconds"] = {"features": round(t1 - t0, 3), "probe": round(time.perf_counter() - t1, 3)}
     return result

@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from dinov2.data.unreadable import MarkUnreadable, collate_readable, warn_unreadable
+
 from .data import dataset_labels
 
 
@@ -27,6 +29,7 @@ class FeatureSet:
     cls: np.ndarray  # [N, n_blocks, D] float32, last block last
     labels: np.ndarray  # [N] int64
     patch_mean: np.ndarray | None = None  # [N, D] float32, last block
+    skipped: tuple[str, ...] = ()  # unreadable samples left out (file paths where known)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,19 +99,23 @@ def extract_features(
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16`` on GPU) trades exactness for speed; features
     come back as float32 either way. Labels are read from the dataset, not the loader, so
-    they stay aligned with feature rows (the loader does not shuffle).
+    they stay aligned with feature rows (the loader does not shuffle). Unreadable samples
+    (corrupt or truncated files) are skipped: logged with their name, left out of features
+    and labels alike, and named in ``FeatureSet.skipped``.
     """
     if len(dataset) == 0:
         raise ValueError("cannot extract features from an empty dataset")
     dev = next(model.parameters()).device  # extraction runs where the model lives
     labels = dataset_labels(dataset)
     loader = DataLoader(
-        dataset,
+        MarkUnreadable(dataset),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=dev.type == "cuda",
+        collate_fn=collate_readable,
     )
+    skipped = []
     cls_chunks, pm_chunks = [], []
     amp = (
         torch.autocast(device_type=dev.type, dtype=autocast_dtype)
@@ -116,16 +123,26 @@ def extract_features(
         else contextlib.nullcontext()
     )
     with eval_mode(model), amp:
-        for images, _ in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            for bad in batch.unreadable:
+                warn_unreadable(bad.name, bad.error)
+            skipped.extend(batch.unreadable)
+            if batch.samples is None:
+                continue
+            images, _ = batch.samples
             cls, pm = embed_batch(model, images.to(dev, non_blocking=True), n_blocks, patch_mean)
             cls_chunks.append(cls.float().cpu())
             if pm is not None:
                 pm_chunks.append(pm.float().cpu())
+    if not cls_chunks:
+        raise ValueError(f"none of the {len(dataset)} samples could be read (first: {skipped[0].name}: {skipped[0].error})")
+    if skipped:
+        labels = np.delete(labels, [s.index for s in skipped])
     cls = torch.cat(cls_chunks).numpy()
     pm = torch.cat(pm_chunks).numpy() if pm_chunks else None
     if not np.isfinite(cls).all():
         raise FloatingPointError("backbone produced NaN/inf features")
-    return FeatureSet(cls=cls, labels=labels, patch_mean=pm)
+    return FeatureSet(cls=cls, labels=labels, patch_mean=pm, skipped=tuple(s.name for s in skipped))
 
 
 def save_features(feats: FeatureSet, prefix: str, n_blocks: int = 1, avgpool: bool = False) -> dict:

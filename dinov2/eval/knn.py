@@ -154,7 +154,9 @@ def knn_classify(
 def knn_summary(result: dict) -> str:
     """One line of text for logs and the CLI."""
     parts = [f"k={k}: top1 {r['top1']:.2f} top5 {r['top5']:.2f}" for k, r in result["results"].items()]
-    return f"knn ({result['n_train']} train, {result['n_test']} test, T={result['temperature']}): " + "; ".join(parts)
+    line = f"knn ({result['n_train']} train, {result['n_test']} test, T={result['temperature']}): " + "; ".join(parts)
+    skipped = result.get("skipped_files", {}).get("count", 0)
+    return line + (f" ({skipped} unreadable files skipped, named in the log)" if skipped else "")
 
 
 def _as_2d(x, name: str) -> np.ndarray:

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dinov2.data.images import is_image_name, load_image as decode_file
+
 from .backbone import blocks_of, model_in_chans
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, normalization
 
@@ -163,22 +165,20 @@ def load_image(item: str) -> tuple[str, Image.Image]:
     if not os.path.isfile(item):
         raise DataError(f"image not found: {item}")
     try:
-        img = Image.open(item)
-        img.load()
+        img = decode_file(item, "RGB")  # the project's decoding rule (16-bit scaled)
     except Exception as e:
         raise DataError(f"{item}: cannot read image ({e})") from e
-    return os.path.splitext(os.path.basename(item))[0], img.convert("RGB")
+    return os.path.splitext(os.path.basename(item))[0], img
 
 
 def expand_inputs(items: list[str]) -> list[str]:
     """Files stay, directories become their image files (sorted), ``skimage:`` names stay."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     out = []
     for it in items:
         if os.path.isdir(it):
             found = sorted(
-                os.path.join(it, f) for f in os.listdir(it) if f.lower().endswith(IMG_EXTENSIONS)
+                os.path.join(it, f) for f in os.listdir(it)
+                if is_image_name(f) and os.path.isfile(os.path.join(it, f))  # regular files: no FIFOs
             )
             if not found:
                 raise DataError(f"{it}: folder contains no images")
