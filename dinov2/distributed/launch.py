@@ -101,17 +101,9 @@ def slurm_hostnames(nodelist: str) -> list[str]:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
         hosts = out.stdout.split()
     else:
-        from submitit.slurm.slurm import SlurmJobEnvironment
+        from submitit.slurm.slurm import _parse_node_list  # the parser behind SlurmJobEnvironment.hostnames
 
-        previous = os.environ.get("SLURM_JOB_NODELIST")
-        os.environ["SLURM_JOB_NODELIST"] = nodelist
-        try:
-            hosts = list(SlurmJobEnvironment().hostnames)
-        finally:
-            if previous is None:
-                del os.environ["SLURM_JOB_NODELIST"]
-            else:
-                os.environ["SLURM_JOB_NODELIST"] = previous
+        hosts = list(_parse_node_list(nodelist))
     if not hosts:
         raise LaunchError(f"SLURM_JOB_NODELIST={nodelist!r} names no host")
     return hosts

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dinov2.compute import resolve_device
+
 from .launch import LaunchError, LaunchInfo, read_launch_info
 
 logger = logging.getLogger(__name__)
@@ -51,31 +53,6 @@ class DistributedEnv:
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "DistributedEnv":
         return cls(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``compute.device`` for this rank: ``auto``/``cuda`` -> the local rank's GPU (or the only
-    visible one, when the launcher gives each task its own), else the CPU."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name not in ("auto", "cuda"):
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DistributedSetupError(f"compute.device={name} but CUDA is not available here")
-        return device
-    if not torch.cuda.is_available():
-        if name == "cuda":
-            raise DistributedSetupError("compute.device=cuda but CUDA is not available here; use cpu or auto")
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if count == 1:
-        return torch.device("cuda", 0)
-    if local_rank < count:
-        return torch.device("cuda", local_rank)
-    raise DistributedSetupError(
-        f"local rank {local_rank} but only {count} GPUs are visible: start one task per GPU "
-        f"(--gpus-per-node / --nproc-per-node must not exceed the GPUs of a node)"
-    )
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

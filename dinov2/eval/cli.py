@@ -15,16 +15,18 @@ import time
 
 import torch
 
+from dinov2.compute import DeviceError, autocast_dtype, resolve_device
+
 from .backbone import ARCHS, BackboneError, model_in_chans, resolve_backbone
 from .data import MNIST_SPEC, DataError, build_splits, dataset_classes, eval_transform, load_dataset, subsample
 from .evaluate import evaluate_knn, evaluate_linear
-from .features import extract_features, resolve_device, save_features
+from .features import extract_features, save_features
 from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_summary
 from .linear import DEFAULT_CS, DEFAULT_LRS, linear_summary
 from .visualize import visualize
 
 PROG = "dinov2-eval"
-AUTOCAST = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = ("off", "bf16", "fp16")
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -51,7 +53,7 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     n.add_argument("--std", type=float, nargs="+", help="per-channel std (as --mean)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps (default auto)")
-    r.add_argument("--autocast", choices=tuple(AUTOCAST), default="off", help="mixed precision for feature extraction")
+    r.add_argument("--autocast", choices=AUTOCAST, default="off", help="mixed precision for feature extraction")
     r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     r.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -196,7 +198,7 @@ def cmd_knn(args) -> tuple[dict, str]:
     splits = _splits(args, 0.2, _transform(args, model))
     res = evaluate_knn(model, splits.train, splits.val, ks=args.ks, temperature=args.temperature,
                        batch_size=args.batch_size, num_workers=args.num_workers,
-                       autocast_dtype=AUTOCAST[args.autocast], search=args.search, progress=not args.no_progress)
+                       autocast_dtype=autocast_dtype(args.autocast), search=args.search, progress=not args.no_progress)
     res.update(backbone=_describe_backbone(args, model), dataset=_data_info(args, splits))
     return res, knn_summary(res)
 
@@ -212,7 +214,7 @@ def cmd_linear(args) -> tuple[dict, str]:
         model, splits.train, splits.val, test, method=args.method, n_blocks_options=args.n_blocks,
         avgpool=not args.no_avgpool, lrs=args.lrs, epochs=args.epochs, probe_batch_size=args.probe_batch_size,
         cs=args.cs, seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers,
-        autocast_dtype=AUTOCAST[args.autocast], progress=not args.no_progress,
+        autocast_dtype=autocast_dtype(args.autocast), progress=not args.no_progress,
     )
     res.update(backbone=_describe_backbone(args, model), dataset=_data_info(args, splits))
     return res, linear_summary(res)
@@ -232,7 +234,7 @@ def cmd_features(args) -> tuple[dict, str]:
     for prefix, ds in sets.items():
         feats = extract_features(model, ds, n_blocks=args.n_blocks, patch_mean=args.avgpool,
                                  batch_size=args.batch_size, num_workers=args.num_workers,
-                                 autocast_dtype=AUTOCAST[args.autocast], progress=not args.no_progress,
+                                 autocast_dtype=autocast_dtype(args.autocast), progress=not args.no_progress,
                                  desc=f"{prefix or 'all '}features")
         files[prefix.rstrip("_") or "all"] = save_features(feats, os.path.join(args.output_dir, prefix),
                                                            args.n_blocks, args.avgpool)
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_backbone_args(args)  # before any data is read: fail in a second, not after loading
         result, line = COMMANDS[args.command](args)
-    except (DataError, BackboneError, ValueError, FileNotFoundError) as e:
+    except (DataError, BackboneError, ValueError, FileNotFoundError, DeviceError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     result["wall_seconds"] = round(time.perf_counter() - t0, 3)

@@ -55,12 +55,6 @@ def linear_input(feats: FeatureSet, n_blocks: int = 1, avgpool: bool = False) ->
     return np.concatenate(parts, axis=1)
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """Eval mode for the duration, restoring the caller's mode (the trainer's teacher)."""

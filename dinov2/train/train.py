@@ -43,6 +43,7 @@ from dinov2.checkpoint import (
     CheckpointCorruptError, CheckpointManager, CheckpointSaveError, read_metadata,
 )
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
+from dinov2.compute import DeviceError, autocast_dtype, resolve_device
 from dinov2.configs import ConfigError, load_config, save_config
 from dinov2.distributed import (
     DistributedEnv, DistributedSetupError, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
@@ -51,16 +52,14 @@ from dinov2.distributed.parallelize import build_training_model
 from dinov2.logging import MetricsWriter
 from dinov2.logging.metrics import MetricsFileError
 from dinov2.train.knn_monitor import KnnMonitor
-from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir, resolve_device
+from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
 from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
 from dinov2.train.run_dir import RunDirectoryBusyError, RunLock, archive_previous_run
+from dinov2.train.run_plan import with_epoch_length
 from dinov2.train.schedules import build_schedules
 from dinov2.train.signals import StopOnSignal, TrainingInterrupted
 
 logger = logging.getLogger("dinov2.train")
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -133,6 +132,8 @@ class Trainer:
             seed_rank(cfg.train.seed, self.rank)  # from here on, stochastic depth differs per rank
         self.accum_steps = cfg.compute.grad_accum_steps
         self.global_batch_size = cfg.train.batch_size_per_gpu * self.world_size * self.accum_steps
+        self.dataset = build_dataset(cfg.data.dataset, cfg.student.in_chans)
+        self.cfg = cfg = with_epoch_length(cfg, len(self.dataset), self.global_batch_size)  # auto: one pass
         self.schedules = build_schedules(cfg, self.global_batch_size)
         self.total_steps = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
         if cfg.train.max_steps is not None:
@@ -145,7 +146,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=cfg.compute.fused_optimizer or None
         )
-        dtype = AUTOCAST_DTYPES[cfg.compute.precision]
+        dtype = autocast_dtype(cfg.compute.precision)
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         if env.is_distributed:  # agrees on inf/NaN across ranks, whose gradient shards differ
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -168,7 +169,6 @@ class Trainer:
         if resume:
             self._resume()
 
-        self.dataset = build_dataset(cfg.data.dataset, cfg.student.in_chans)
         self.knn_monitor = KnnMonitor(cfg) if cfg.evaluation.knn_every_n_steps > 0 else None
         # Written only once the resume was accepted: a rejected resume leaves the run's config as it was.
         if env.is_main:
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dinov2-train: interrupted (a second Ctrl-C: no checkpoint written for the current step)", file=sys.stderr)
         return 130
-    except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError, DistributedSetupError,
+    except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError, DistributedSetupError, DeviceError,
             RunDirectoryBusyError, CheckpointCorruptError, CheckpointSaveError, MetricsFileError) as error:
         # CheckpointMismatchError and MetricsFileError are ValueErrors
         print(f"dinov2-train: error: {error}", file=sys.stderr)
