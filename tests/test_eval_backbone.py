@@ -69,7 +69,7 @@ def test_backbone_file_mismatches_are_named(exported_vits, tmp_path):
 
 def test_not_a_state_dict_and_missing_file(tmp_path):
     torch.save({"teacher": {"backbone": {"x": torch.zeros(1)}}, "step": 3}, tmp_path / "ckpt.pth")
-    with pytest.raises(BackboneError, match="plain backbone state dict"):
+    with pytest.raises(BackboneError, match=r"ckpt.pth: expected a plain state dict .* non-tensor entries teacher \(dict\), step \(int\)"):
         resolve_backbone(backbone_file=str(tmp_path / "ckpt.pth"), arch="vit_small")
     with pytest.raises(BackboneError, match="not found"):
         resolve_backbone(backbone_file=str(tmp_path / "nope.pth"), arch="vit_small")

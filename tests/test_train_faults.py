@@ -9,7 +9,6 @@ import resource
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.checkpoint import CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, is_good
+from dinov2.checkpoint import CheckpointManager, CheckpointMismatchError, is_good
 from dinov2.configs import load_config
 from dinov2.logging import read_metrics
-from dinov2.train.run_dir import RunLock
 from dinov2.train.signals import TrainingInterrupted
 from dinov2.train.train import NonFiniteLossError, Trainer, main
 from test_train_loop import TINY
@@ -286,3 +284,15 @@ def test_a_launcher_signal_handler_runs_after_the_checkpoint(tmp_path):
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert seen == [[2]]
+
+
+def test_a_crafted_checkpoint_metadata_stops_the_resume_without_running_code(tmp_path, capsys):
+    from crafted import write_crafted_metadata
+
+    run, marker = tmp_path / "run", tmp_path / "ran"
+    Trainer(cfg("train.max_steps=2", "checkpoint.every_n_steps=1"), run).fit()
+    write_crafted_metadata(run / "checkpoints" / "step_000000002", marker)
+    assert main(["--output-dir", str(run), *FAST, "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "step_000000002" in err and "refused" in err
+    assert not marker.exists()

@@ -1,9 +1,7 @@
-from .manager import (
-    CheckpointCorruptError, CheckpointManager, CheckpointMismatchError, CheckpointSaveError, check_fits, is_good,
-    read_metadata,
-)
+from .manager import CheckpointManager, CheckpointMismatchError, CheckpointSaveError, check_fits, is_good
+from .metadata import CheckpointReadError, UnsafeCheckpointError, read_metadata
 
 __all__ = [
-    "CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "CheckpointSaveError", "check_fits",
-    "is_good", "read_metadata",
+    "CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "CheckpointSaveError",
+    "UnsafeCheckpointError", "check_fits", "is_good", "read_metadata",
 ]

@@ -1,6 +1,6 @@
 """Export the trained backbone of a DCP checkpoint as a plain state dict in the released layout.
 
-    dinov2-export runs/x OUT.pth [--which teacher|student] [--format pth|safetensors]
+    dinov2-export runs/x OUT.pth [--which teacher|student]      (or OUT.safetensors)
 
 CHECKPOINT is a ``step_N`` directory, a ``checkpoints/`` directory or a run directory (the
 newest complete checkpoint is used). Only the backbone's tensors are read, in one process and
@@ -11,23 +11,34 @@ checkpoints: the file loads with ``torch.hub.load(REPO, "dinov2_vits14", source=
 weights=OUT, ...)`` and with ``dinov2.models.vision_transformer.vit_*``. When the run's
 ``config.yaml`` is found next to the checkpoints, the export is checked against the
 architecture it describes and the keyword arguments to rebuild it are printed.
+
+The checkpoint is read without running code from it (``dinov2.checkpoint.metadata``). The output
+is written to a temporary file in the target directory and renamed into place, so OUT is either
+the previous file or the complete export, never a torn one. Its format follows its suffix
+(``.pth``/``.pt``: a torch state dict; ``.safetensors``); any other suffix is an error. Every
+failure (no or a corrupt checkpoint, a directory or unwritable target) is one line on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import secrets
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .manager import CheckpointManager, _quiet, read_metadata
+from .manager import CheckpointManager, _quiet
+from .metadata import describe, read_metadata, safe_load
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.*)$")
+FORMATS = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors"}  # output suffix -> format
 _HUB_PREFIX = {"vit_small": "dinov2_vits14", "vit_base": "dinov2_vitb14", "vit_large": "dinov2_vitl14",
                "vit_giant2": "dinov2_vitg14"}
 
@@ -56,7 +67,7 @@ def read_tensors(checkpoint: str | Path, prefix: str = "") -> dict[str, torch.Te
     if state:
         context = _quiet()
         try:
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+            safe_load(state, checkpoint, no_dist=True)
         finally:
             context.__exit__(None, None, None)
     return state
@@ -131,25 +142,63 @@ def check_against_config(state: dict[str, torch.Tensor], cfg, source: str) -> No
         load_exact(model, state, source)
 
 
+def output_format(out: Path, fmt: str | None = None) -> str:
+    """The format the output's suffix names; an unsupported suffix, a directory or a ``--format``
+    that contradicts the suffix is an error saying what is supported."""
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; give the output file, e.g. {out / 'teacher.pth'}")
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{out}: unsupported output format {suffix or '(no suffix)'!r}; dinov2-export writes "
+                         f"{', '.join(FORMATS)} (a state dict in the released key layout, or safetensors)")
+    if fmt is not None and fmt != FORMATS[suffix]:
+        raise ValueError(f"{out}: --format {fmt} contradicts the suffix {suffix} (which means {FORMATS[suffix]})")
+    return FORMATS[suffix]
+
+
+def _open_temporary(out: Path) -> str:
+    """An empty temporary file next to ``out`` (same filesystem, so the final rename is atomic);
+    fails early, before the checkpoint is read, where the target directory is not writable."""
+    temporary = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary.open("xb").close()  # the usual permissions (umask), unlike tempfile's 0600
+    except OSError as error:
+        raise OSError(f"cannot write {out}: {error.strerror or error} ({out.parent})") from None
+    return str(temporary)
+
+
+def _write(state: dict[str, torch.Tensor], fmt: str, temporary: str, out: Path) -> None:
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, temporary)
+        else:
+            torch.save(state, temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, out)
+    except (OSError, RuntimeError) as error:  # a full disk, a quota: torch reports it as RuntimeError
+        raise OSError(f"cannot write {out}: {describe(error)}") from None
+
+
 def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "teacher",
                     fmt: str | None = None) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out``; returns what was written and how to load it."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    """Write the backbone of ``checkpoint`` to ``out`` atomically; returns what was written and how to load it."""
     out = Path(out)
-    fmt = fmt or ("safetensors" if out.suffix == ".safetensors" else "pth")
-    if fmt not in ("pth", "safetensors"):
-        raise ValueError(f"format {fmt!r}: choose pth or safetensors")
-    state = backbone_state_dict(checkpoint, which)
-    cfg = _run_config(checkpoint)
-    if cfg is not None:
-        check_against_config(state, cfg, str(checkpoint))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(out))
-    else:
-        torch.save(state, out)
+    fmt = output_format(out, fmt)
+    checkpoint = resolve_checkpoint(checkpoint)
+    temporary = _open_temporary(out)
+    try:
+        state = backbone_state_dict(checkpoint, which)
+        cfg = _run_config(checkpoint)
+        if cfg is not None:
+            check_against_config(state, cfg, str(checkpoint))
+        _write(state, fmt, temporary, out)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return {
         "checkpoint": str(checkpoint), "out": str(out), "which": which, "format": fmt, "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
@@ -165,11 +214,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Example: dinov2-export runs/vitl14 vitl14_teacher.pth  (then torch.hub.load(..., weights=...))",
     )
     parser.add_argument("checkpoint", help="a step_N checkpoint directory, or a run / checkpoints directory (newest)")
-    parser.add_argument("out", help="output file (.pth, or .safetensors)")
+    parser.add_argument("out", help="output file: .pth or .pt (torch state dict) or .safetensors; written atomically")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="the EMA teacher (default, what DINOv2 releases) or the student")
     parser.add_argument("--format", choices=("pth", "safetensors"), default=None,
-                        help="default: from the file suffix (.safetensors, else pth)")
+                        help="optional; the output suffix decides, and this must agree with it")
     return parser.parse_args(argv)
 
 
@@ -177,8 +226,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         info = export_backbone(args.checkpoint, args.out, which=args.which, fmt=args.format)
-    except (FileNotFoundError, ValueError, PermissionError, IsADirectoryError) as error:
-        print(f"dinov2-export: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, CheckpointException) as error:  # one line, no traceback
+        print(f"dinov2-export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"wrote {info['tensors']} tensors ({info['parameters'] / 1e6:.1f} M parameters) of the {info['which']} "
           f"backbone of {info['checkpoint']} to {info['out']}")

@@ -8,7 +8,7 @@ from typing import Mapping, Optional, Sequence
 Shapes = Mapping[str, Optional[Sequence[int]]]  # None: an entry without a shape (an int, bytes)
 
 
-def _listing(items: list[str], limit: int = 8) -> str:
+def listing(items: list[str], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
@@ -24,9 +24,9 @@ def key_mismatches(wanted: Shapes, found: Shapes, *, found_name: str = "file", w
     ]
     problems = []
     if missing:
-        problems.append(f"keys missing from the {found_name}: {_listing(missing)}")
+        problems.append(f"keys missing from the {found_name}: {listing(missing)}")
     if unexpected:
-        problems.append(f"keys in the {found_name} but not in the {wanted_name}: {_listing(unexpected)}")
+        problems.append(f"keys in the {found_name} but not in the {wanted_name}: {listing(unexpected)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_listing(mismatched)}")
+        problems.append(f"shape mismatches: {listing(mismatched)}")
     return problems

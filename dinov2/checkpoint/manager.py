@@ -13,8 +13,9 @@ Failures: a save that fails (disk full, a quota, a read-only directory) removes 
 directory and raises :class:`CheckpointSaveError` naming the directory; the older checkpoints are
 untouched. A checkpoint whose state held NaN/inf is marked (``NONFINITE``) and is never the one
 called good; ``keep_last`` never deletes the newest good checkpoint. A checkpoint that cannot be
-read (truncated or missing shard, damaged ``.metadata``) raises :class:`CheckpointCorruptError`, so
-the trainer can fall back to an older one.
+read (truncated or missing shard, damaged ``.metadata``) raises :class:`CheckpointReadError`, so
+the trainer can fall back to an older one. Nothing is unpickled unchecked (see ``metadata.py``): a
+crafted file raises :class:`UnsafeCheckpointError`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dinov2.checkpoint.keys import key_mismatches
+from dinov2.checkpoint.metadata import read_metadata, safe_load
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +46,12 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written by another architecture or config."""
 
 
-class CheckpointCorruptError(RuntimeError):
-    """The checkpoint's files cannot be read (truncated, deleted or damaged)."""
-
-
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the partial save was removed, older checkpoints are intact."""
 
 
 # DCP raises CheckpointException, a BaseException, for failures on any rank: catch it with these.
-READ_ERRORS = (Exception, CheckpointException)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_rank_zero() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if _distributed() and dist.get_world_size() > 1:
-        dist.barrier()
+DCP_ERRORS = (Exception, CheckpointException)
 
 
 def _quiet():
@@ -76,18 +61,6 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*process group.*")
     warnings.filterwarnings("ignore", message=".*torch.distributed is.*")
     return context
-
-
-def read_metadata(path: str | Path):
-    """DCP metadata of a checkpoint: ``.state_dict_metadata`` maps each flattened key
-    (``model.teacher.backbone.cls_token``, ``rng.rank_0.torch``...) to its size and dtype."""
-    path = Path(path)
-    if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
-    try:
-        return dcp.FileSystemReader(str(path)).read_metadata()
-    except READ_ERRORS as error:
-        raise CheckpointCorruptError(f"checkpoint {path}: its .metadata cannot be read ({error!r:.300})") from None
 
 
 def is_good(path: str | Path) -> bool:
@@ -112,15 +85,26 @@ def check_fits(state: dict[str, Any], metadata, path: str | Path, sections: Iter
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3, async_save: bool = False) -> None:
+    """Checkpoints of one run. ``process_group``: the ranks that save together (None: one process);
+    passed by the trainer, never looked up."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, async_save: bool = False,
+                 process_group: dist.ProcessGroup | None = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
+        self.group = process_group
+        self._collective = process_group is not None and dist.get_world_size(process_group) > 1
+        self._is_rank_zero = process_group is None or dist.get_rank(process_group) == 0
         self._pending: tuple[Path, Path, Future] | None = None
         # new_group is collective: every rank constructs the manager at the same point.
-        self._async_group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        self._async_group = dist.new_group(backend="gloo") if async_save and process_group is not None else None
+
+    def _barrier(self) -> None:
+        if self._collective:
+            dist.barrier(group=self.group)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """Complete checkpoints in this process's view of the directory, oldest first."""
@@ -137,8 +121,8 @@ class CheckpointManager:
         """Complete checkpoints, newest first, as rank 0 sees them: broadcast, so all ranks try the
         same ones even where a shared filesystem shows a new rename late (collective)."""
         found = [list(reversed(self.checkpoints()))]
-        if _distributed() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(found, src=0)
+        if self._collective:
+            dist.broadcast_object_list(found, src=dist.get_global_rank(self.group, 0), group=self.group)
         return found[0]
 
     def latest(self) -> tuple[int, Path] | None:
@@ -159,21 +143,21 @@ class CheckpointManager:
         self.wait()
         final = self.directory / f"step_{step:09d}"
         temporary = self.directory / f".step_{step:09d}.partial"
-        if _is_rank_zero():
+        if self._is_rank_zero:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise CheckpointSaveError(f"cannot create the checkpoint directory {self.directory}: {error}") from None
             shutil.rmtree(temporary, ignore_errors=True)
-        _barrier()
+        self._barrier()
         context = _quiet()
         try:
             if self.async_save:
                 future = dcp.async_save(state, checkpoint_id=str(temporary), process_group=self._async_group)
                 self._pending = (temporary, final, future, finite)
                 return final
-            dcp.save(state, checkpoint_id=str(temporary))
-        except READ_ERRORS as error:
+            dcp.save(state, checkpoint_id=str(temporary), process_group=self.group)
+        except DCP_ERRORS as error:
             self._abandon(temporary, error)
         finally:
             context.__exit__(None, None, None)
@@ -188,12 +172,12 @@ class CheckpointManager:
         self._pending = None
         try:
             future.result()
-        except READ_ERRORS as error:
+        except DCP_ERRORS as error:
             self._abandon(temporary, error)
         self._publish(temporary, final, finite)
 
     def _abandon(self, temporary: Path, error: BaseException) -> None:
-        if _is_rank_zero():
+        if self._is_rank_zero:
             shutil.rmtree(temporary, ignore_errors=True)
         detail = str(error).strip().splitlines()
         raise CheckpointSaveError(
@@ -203,8 +187,8 @@ class CheckpointManager:
         ) from None
 
     def _publish(self, temporary: Path, final: Path, finite: bool = True) -> None:
-        _barrier()  # every rank has written its shards (rank 0 wrote .metadata last)
-        if _is_rank_zero():
+        self._barrier()  # every rank has written its shards (rank 0 wrote .metadata last)
+        if self._is_rank_zero:
             if not finite:
                 (temporary / NONFINITE).write_text("the saved state held NaN/inf values\n")
             if final.exists():
@@ -217,7 +201,7 @@ class CheckpointManager:
             for stale in self.directory.iterdir():  # left by runs killed during a save
                 if _PARTIAL.match(stale.name):
                     shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        self._barrier()
         logger.info("saved checkpoint %s", final)
 
     # ------------------------------------------------------------------ load
@@ -232,11 +216,6 @@ class CheckpointManager:
         check_fits(state, read_metadata(path), path, strict_sections)
         context = _quiet()
         try:
-            dcp.load(state, checkpoint_id=str(path))
-        except READ_ERRORS as error:
-            detail = str(error).strip().splitlines()
-            raise CheckpointCorruptError(
-                f"checkpoint {path} cannot be read ({type(error).__name__}: {(detail[-1] if detail else '')[:300]})"
-            ) from None
+            safe_load(state, path, process_group=self.group)
         finally:
             context.__exit__(None, None, None)

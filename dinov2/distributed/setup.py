@@ -50,6 +50,12 @@ class DistributedEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group of all ranks of the job (None for one process): what the trainer hands to the
+        checkpoint manager and the collectives."""
+        return dist.group.WORLD if self.mesh is not None else None
+
     @classmethod
     def single(cls, device: torch.device | str = "cpu") -> "DistributedEnv":
         return cls(rank=0, world_size=1, local_rank=0, device=torch.device(device))

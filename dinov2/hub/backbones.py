@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dinov2.hub.weights import Weights, backbone_url, load_exact, load_state_dict_from, resolve_weights
+from dinov2.hub.weights import Weights, load_exact, load_state_dict_from, resolve_backbone_weights
 from dinov2.models.vision_transformer import DinoVisionTransformer, build_vit
 
 
@@ -29,7 +29,7 @@ def _make_dinov2_model(
         interpolate_antialias=interpolate_antialias, interpolate_offset=interpolate_offset, **kwargs,
     )
     if pretrained:
-        location = resolve_weights(weights, Weights, backbone_url(arch_name, patch_size, num_register_tokens))
+        location = resolve_backbone_weights(weights, arch_name, patch_size, num_register_tokens)
         load_exact(model, load_state_dict_from(location), location)
     return model
 

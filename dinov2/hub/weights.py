@@ -2,12 +2,16 @@
 
 ``weights`` may be a released name (``"LVD142M"``, ``"IMAGENET1K"`` for linear heads), an
 ``http(s)://`` URL, a ``file://`` URL or a local path (``.pth``/``.pt`` or ``.safetensors``).
+Every form is read without running code from the file: URLs are downloaded into the torch hub
+cache, then, like local files, read as safetensors or with ``torch.load(weights_only=True)``. One
+rule for what a weights file may hold: ``{name: floating-point tensor}`` (:func:`check_state_dict`).
 Only torch is imported at module level so that ``hubconf.py`` stays dependency-free.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from enum import Enum
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -15,9 +19,11 @@ from urllib.request import url2pathname
 import torch
 from torch import nn
 
-from dinov2.checkpoint.keys import key_mismatches
+from dinov2.checkpoint.keys import key_mismatches, listing
+from dinov2.checkpoint.metadata import describe, weights_only_refusal
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+RELEASED_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2")
 
 
 class Weights(Enum):
@@ -75,18 +81,111 @@ def resolve_weights(weights, names: type[Enum], released_url: str) -> str:
     raise ValueError(f"unknown weights {text!r}: not a released name ({valid}), a URL, or an existing file")
 
 
-def load_state_dict_from(location: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a URL (downloaded to the torch hub cache) or a local file."""
-    if urlparse(location).scheme in ("http", "https"):
-        return torch.hub.load_state_dict_from_url(location, map_location="cpu")
-    if location.endswith(".safetensors"):
+class WeightsFileError(ValueError):
+    """A weights file that cannot be used: refused (it would run code), corrupt, or not a plain
+    ``{name: floating-point tensor}`` state dict."""
+
+
+def released_backbone_url(arch_name: str, patch_size: int, num_register_tokens: int = 0) -> str:
+    """URL of the released LVD-142M backbone for this architecture; a clear error where none was released."""
+    if arch_name not in RELEASED_ARCHS or patch_size != 14 or num_register_tokens not in (0, 4):
+        raise ValueError(
+            f"no released LVD142M weights for {arch_name} with patch size {patch_size} and {num_register_tokens} "
+            f"register tokens: released are {', '.join(RELEASED_ARCHS)} with patch size 14 and 0 or 4 registers"
+        )
+    return backbone_url(arch_name, patch_size, num_register_tokens)
+
+
+def resolve_backbone_weights(weights, arch_name: str, patch_size: int, num_register_tokens: int = 0) -> str:
+    """``weights`` for a backbone (hub entry points and ``student.pretrained_weights`` alike): the
+    released name (``"LVD142M"``) becomes the URL of that architecture's released file; a URL or
+    an existing path is returned as :func:`resolve_weights` does."""
+    if _released_name(weights, Weights) is not None:
+        return released_backbone_url(arch_name, patch_size, num_register_tokens)
+    return resolve_weights(weights, Weights, "")
+
+
+def download_to_hub_cache(url: str, progress: bool = True) -> str:
+    """Download ``url`` once into ``<torch hub dir>/checkpoints/`` (where
+    ``torch.hub.load_state_dict_from_url`` keeps files, so either finds the other's downloads) and
+    return the local path. ``download_url_to_file`` writes a temporary file and renames it."""
+    directory = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(directory, exist_ok=True)
+    filename = os.path.basename(urlparse(url).path)
+    if not filename:
+        raise WeightsFileError(f"{url}: the URL names no file")
+    cached = os.path.join(directory, filename)
+    if not os.path.exists(cached):
+        sys.stderr.write(f'Downloading: "{url}" to {cached}\n')
+        torch.hub.download_url_to_file(url, cached, progress=progress)
+    return cached
+
+
+def check_state_dict(state_dict, source: str) -> dict[str, torch.Tensor]:
+    """The one rule for a weights file: a dict of floating-point tensors. Anything else is an error
+    that names the offending keys (and dtypes): integer or boolean tensors are never cast silently."""
+    if not isinstance(state_dict, dict):
+        raise WeightsFileError(
+            f"{source}: expected a plain state dict {{name: tensor}} (as written by dinov2-export), found a "
+            f"{type(state_dict).__name__}"
+        )
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightsFileError(
+            f"{source}: expected a plain state dict {{name: tensor}} (as written by dinov2-export), found non-tensor "
+            f"entries {listing(not_tensors)}; a training checkpoint is exported with dinov2-export"
+        )
+    not_float = [f"{k} ({v.dtype})" for k, v in state_dict.items() if not v.is_floating_point()]
+    if not_float:
+        raise WeightsFileError(
+            f"{source}: weights must be floating-point tensors, found {listing(not_float)}; "
+            "non-floating tensors are not cast (they are not weights of this model)"
+        )
+    return state_dict
+
+
+def read_weights_file(path: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """A local ``.safetensors`` or torch file (``torch.load(weights_only=True)``: no code from the
+    file runs), checked by :func:`check_state_dict`; ``source`` names it in errors (default: path)."""
+    source = source or path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}" + (" (a directory)" if os.path.isdir(path) else ""))
+    if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # optional dependency, only for this format
 
-        return load_file(location, device="cpu")
-    state_dict = torch.load(location, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{location} does not hold a state dict (found {type(state_dict).__name__})")
-    return state_dict
+        try:
+            state_dict = load_file(path, device="cpu")
+        except Exception as error:  # SafetensorError and friends: a header or size that does not fit
+            raise WeightsFileError(f"{source}: not a readable .safetensors file ({error})") from error
+        return check_state_dict(state_dict, source)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling, zip and EOF errors come in many types
+        reason = weights_only_refusal(error)
+        if reason is not None:
+            raise WeightsFileError(
+                f"{source}: refused to load: the file holds Python objects besides tensors ({reason}); weights are "
+                "read with torch.load(weights_only=True), which runs no code from the file"
+            ) from None
+        raise WeightsFileError(f"{source}: not a readable torch weights file ({describe(error)})") from None
+    return check_state_dict(state_dict, source)
+
+
+def load_state_dict_from(location: str) -> dict[str, torch.Tensor]:
+    """A state dict from an ``http(s)://`` URL (downloaded once to the torch hub cache), a
+    ``file://`` URL or a path: ``.safetensors``, or a torch file read with ``weights_only=True``."""
+    location = os.fspath(location)
+    parsed = urlparse(location)
+    if parsed.scheme in ("http", "https"):
+        cached = download_to_hub_cache(location)
+        try:
+            return read_weights_file(cached, f"{location} (downloaded to {cached})")
+        except WeightsFileError:
+            os.remove(cached)  # refused or corrupt: a fixed upload is downloaded afresh next time
+            raise
+    if parsed.scheme == "file":
+        return read_weights_file(url2pathname(parsed.path))
+    return read_weights_file(location)
 
 
 def load_exact(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from dinov2.checkpoint import (
-    CheckpointCorruptError, CheckpointManager, CheckpointSaveError, read_metadata,
+    CheckpointManager, CheckpointReadError, CheckpointSaveError, UnsafeCheckpointError, read_metadata,
 )
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
 from dinov2.compute import DeviceError, autocast_dtype, resolve_device
@@ -50,9 +50,11 @@ from dinov2.distributed import (
 )
 from dinov2.distributed.parallelize import build_training_model
 from dinov2.logging import MetricsWriter
-from dinov2.logging.metrics import MetricsFileError
+from dinov2.train.health import CollapseWatch
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
+from dinov2.train.preflight import preflight_cli
+from dinov2.train.summary import run_summary
 from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
 from dinov2.train.run_dir import RunDirectoryBusyError, RunLock, archive_previous_run
 from dinov2.train.run_plan import with_epoch_length
@@ -164,12 +166,16 @@ class Trainer:
         self._nonfinite_new = torch.zeros((), dtype=torch.int64, device=self.device)  # not yet counted on host
         self.data_position = 0
         self.checkpoints = CheckpointManager(
-            self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
+            self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+            process_group=env.process_group,
         )
         if resume:
             self._resume()
 
         self.knn_monitor = KnnMonitor(cfg) if cfg.evaluation.knn_every_n_steps > 0 else None
+        self.collapse_watch = CollapseWatch.for_run(  # warnings at logging steps once the lr warmup is over
+            cfg, self.model.student.backbone.embed_dim, cfg.optim.warmup_epochs * cfg.train.OFFICIAL_EPOCH_LENGTH,
+        ) if cfg.logging.collapse_warnings and env.is_main else None
         # Written only once the resume was accepted: a rejected resume leaves the run's config as it was.
         if env.is_main:
             _write_atomically(self.output_dir / "config.yaml", lambda path: save_config(cfg, path))
@@ -231,7 +237,9 @@ class Trainer:
         for _, path in self.checkpoints.candidates():
             try:
                 self.load_checkpoint(path)
-            except CheckpointCorruptError as error:
+            except UnsafeCheckpointError:
+                raise  # a crafted file is not damage to work around: stop and say so
+            except CheckpointReadError as error:
                 logger.warning("%s; trying the previous checkpoint", error)
                 damaged.append(str(path))
                 continue
@@ -239,7 +247,7 @@ class Trainer:
                 logger.warning("resumed from %s: the newer checkpoint(s) %s could not be read", path, ", ".join(damaged))
             return
         if damaged:
-            raise CheckpointCorruptError(
+            raise CheckpointReadError(
                 f"no checkpoint in {self.checkpoints.directory} can be read (damaged: {', '.join(damaged)}); "
                 f"to start over, run with --no-resume (the old run is moved to previous_runs/)"
             )
@@ -406,6 +414,8 @@ class Trainer:
                         last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=loader.skipped_samples,
                                     seconds=time.perf_counter() - started)
                         self.metrics.write(self.step, last)
+                        if self.collapse_watch is not None:
+                            self.collapse_watch.check(self.step, last)
                         if progress is not None:
                             progress.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if self.knn_monitor is not None and self.step % cfg.evaluation.knn_every_n_steps == 0:
@@ -440,11 +450,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Example: dinov2-train --config train/demo_mnist.yaml --output-dir runs/demo optim.epochs=5",
     )
     parser.add_argument("--config", default=None, help="recipe YAML (a path, or relative to the packaged configs/)")
-    parser.add_argument("--output-dir", required=True, help="where config, metrics, checkpoints go")
+    parser.add_argument("--output-dir", help="where config, metrics, checkpoints go (required to train)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start fresh; a run already in the output directory is moved to OUTPUT_DIR/previous_runs/")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key with its description, default and valid values) and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what the run would do (images, steps, passes, lr, parameters, device, ETA from a "
+                        "few timed steps) and warnings, then exit; nothing is written to the output directory")
+    parser.add_argument("--dry-run-steps", type=int, default=3, metavar="N",
+                        help="training steps the dry run times for its ETA (default 3; 0 = no timing)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.base_lr=1e-3)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.output_dir is None and not (args.print_config or args.dry_run):
+        parser.error("--output-dir is required to train (only --print-config and --dry-run do without it)")
+    return args
 
 
 def run(cfg, output_dir: str | Path, *, resume: bool = True) -> tuple[dict, DistributedEnv]:
@@ -461,6 +481,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config or args.dry_run:
+            return preflight_cli(cfg, args.output_dir, print_config=args.print_config, dry_run=args.dry_run,
+                                 timed_steps=args.dry_run_steps)
         result, env = run(cfg, args.output_dir, resume=not args.no_resume)
     except TrainingInterrupted as stopped:
         print(f"dinov2-train: {stopped}", file=sys.stderr)
@@ -469,12 +492,12 @@ def main(argv=None) -> int:
         print("dinov2-train: interrupted (a second Ctrl-C: no checkpoint written for the current step)", file=sys.stderr)
         return 130
     except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError, DistributedSetupError, DeviceError,
-            RunDirectoryBusyError, CheckpointCorruptError, CheckpointSaveError, MetricsFileError) as error:
-        # CheckpointMismatchError and MetricsFileError are ValueErrors
+            RunDirectoryBusyError, CheckpointSaveError) as error:
+        # CheckpointMismatchError, CheckpointReadError and MetricsFileError are ValueErrors
         print(f"dinov2-train: error: {error}", file=sys.stderr)
         return 2
     if env.is_main:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+        print(run_summary(args.output_dir, cfg, result))
     return 0
 
 
