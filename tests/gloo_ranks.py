@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from test_train_loop import TINY
+from tiny import TINY
 
 START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 

@@ -21,7 +21,7 @@ from dinov2.configs import load_config
 from dinov2.logging import read_metrics
 from dinov2.train.signals import TrainingInterrupted
 from dinov2.train.train import NonFiniteLossError, Trainer, main
-from test_train_loop import TINY
+from tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = TINY + ["student.drop_path_rate=0.0"]
@@ -203,7 +203,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_older_checkpoints(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (shard_bytes // 2, shard_bytes // 2))
 
-    code = ("import sys; from dinov2.train.train import main; from test_train_loop import TINY; "
+    code = ("import sys; from dinov2.train.train import main; from tiny import TINY; "
             f"sys.exit(main(['--output-dir', {str(run)!r}, *TINY, 'student.drop_path_rate=0.0', 'train.max_steps=2']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(),
                           preexec_fn=limit_file_size, timeout=600)

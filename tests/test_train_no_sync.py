@@ -16,7 +16,7 @@ import torch
 from dinov2.configs import load_config
 from dinov2.train.build import build_train_loader
 from dinov2.train.train import Trainer
-from test_train_loop import TINY
+from tiny import TINY
 
 
 class HostSync(AssertionError):
