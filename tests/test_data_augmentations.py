@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F
 
-from dinov2.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataAugmentationDINO
+from dinov2.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, DataAugmentationDINO, normalize_crops
 
 OFF = dict(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
 
@@ -166,3 +167,39 @@ def test_grayscale_single_channel_path(rgb):
     assert out["global_crops"][0].shape == (1, 16, 16) and out["local_crops"][0].shape == (1, 8, 8)
     out = aug(torch.rand(1, 20, 20), generator=torch.Generator().manual_seed(0))
     assert out["global_crops"][1].shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("kind", ["pil", "uint8", "float"])
+def test_unnormalised_crops_normalised_later_equal_the_normalised_crops(rgb, kind):
+    """normalize=False ships uint8 crops (float ones for float input); normalize_crops, applied later to the
+    batch, gives bitwise today's ToTensor + Normalize crops."""
+    image = {"pil": rgb, "uint8": F.pil_to_tensor(rgb), "float": F.pil_to_tensor(rgb).float() / 255}[kind]
+    kw = dict(local_crops_number=2, global_crops_size=24, local_crops_size=12, blur_p=(1.0, 0.5, 0.5), solarize_p=0.5)
+    normalised = DataAugmentationDINO(**kw)(image, generator=torch.Generator().manual_seed(3))
+    raw = DataAugmentationDINO(**kw, normalize=False)(image, generator=torch.Generator().manual_seed(3))
+    for key in ("global_crops", "local_crops"):
+        batch = torch.stack(raw[key])
+        assert batch.dtype == (torch.float32 if kind == "float" else torch.uint8)
+        assert torch.equal(normalize_crops(batch, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), torch.stack(normalised[key]))
+
+
+def test_normalize_crops_matches_torchvision_and_leaves_its_input_alone():
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.stack([T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(F.to_pil_image(i)))
+                             for i in x])
+    assert torch.equal(normalize_crops(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), reference)
+    floats = x.float()
+    normalize_crops(floats, (1.0, 2.0, 3.0), (1.0, 1.0, 1.0))
+    assert torch.equal(floats, x.float())  # a float input is copied, not normalised in place
+    with pytest.raises(ValueError, match="one mean and std per channel"):
+        normalize_crops(x, (0.5,), (0.5,))
+    with pytest.raises(TypeError, match="uint8 or floating"):
+        normalize_crops(x.int(), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_normalize_crops_on_the_device_matches_the_cpu():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_device = normalize_crops(x.pin_memory().to("cuda", non_blocking=True), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    torch.testing.assert_close(on_device.cpu(), normalize_crops(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                               rtol=1e-6, atol=1e-6)

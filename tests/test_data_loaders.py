@@ -1,12 +1,13 @@
 """make_ssl_data_loader: exact resume (bitwise), sharding, skipped-file accounting."""
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from dinov2.data import DataAugmentationDINO, MaskingGenerator, NumpyArrayDataset, make_ssl_data_loader
+from dinov2.data import DataAugmentationDINO, MaskingGenerator, NumpyArrayDataset, RankLayout, SSLBatch, make_ssl_data_loader
 
 BATCH = 4
 GLOBAL, LOCAL, PATCH = 16, 8, 4
@@ -35,7 +36,7 @@ def _loader(array_path, *, start=0, num_workers=0, rank=0, world_size=1, dataset
         DataAugmentationDINO(local_crops_number=2, global_crops_size=GLOBAL, local_crops_size=LOCAL),
         batch_size_per_rank=BATCH, num_workers=num_workers, seed=123, rank=rank, world_size=world_size,
         start=start, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, n_tokens=N_TOKENS,
-        mask_generator=MaskingGenerator(GLOBAL // PATCH, max_num_patches=0.5 * N_TOKENS), dtype=torch.float32,
+        mask_generator=MaskingGenerator(GLOBAL // PATCH, max_num_patches=0.5 * N_TOKENS),
     )
 
 
@@ -44,12 +45,10 @@ def _batches(loader, n):
 
 
 def _assert_same_batch(a, b):
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        if isinstance(value, torch.Tensor):
-            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
-        else:
-            assert value == b[key], key
+    assert isinstance(a, SSLBatch) and isinstance(b, SSLBatch)
+    for field in dataclasses.fields(SSLBatch):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        assert x.dtype == y.dtype and torch.equal(x, y), field.name
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -58,14 +57,13 @@ def test_resumed_loader_yields_the_uninterrupted_batches_bitwise(array_path, num
     uninterrupted = _batches(_loader(array_path, num_workers=num_workers), k + m)
     first = _loader(array_path, num_workers=num_workers)
     _batches(first, k)
-    state = first.state_dict()
-    assert state["start"] == k * BATCH  # consumed batches only, not what workers prefetched
-    resumed = _batches(_loader(array_path, start=state["start"], num_workers=num_workers), m)
+    assert first.position == k * BATCH  # consumed batches only, not what workers prefetched
+    resumed = _batches(_loader(array_path, start=first.position, num_workers=num_workers), m)
     for a, b in zip(uninterrupted[k:], resumed):
         _assert_same_batch(a, b)
     # Consecutive batches differ, so the equality above is not vacuous.
-    assert not torch.equal(uninterrupted[0]["collated_global_crops"], uninterrupted[1]["collated_global_crops"])
-    assert not torch.equal(uninterrupted[0]["collated_masks"], uninterrupted[1]["collated_masks"])
+    assert not torch.equal(uninterrupted[0].global_crops, uninterrupted[1].global_crops)
+    assert not torch.equal(uninterrupted[0].masks, uninterrupted[1].masks)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -73,8 +71,9 @@ def test_a_new_iterator_continues_where_the_consumer_stopped(array_path, num_wor
     loader = _loader(array_path, num_workers=num_workers)
     first = _batches(loader, 2)  # workers have prefetched beyond these
     second = _batches(loader, 2)
-    positions = torch.cat([b["positions"] for b in first + second]).tolist()
-    assert positions == list(range(4 * BATCH)) and loader.state_dict()["start"] == 4 * BATCH
+    assert loader.position == 4 * BATCH
+    for a, b in zip(first + second, _batches(_loader(array_path), 4)):
+        _assert_same_batch(a, b)
 
 
 def test_workers_do_not_change_the_batches(array_path):
@@ -86,29 +85,28 @@ def test_batch_contents(array_path):
     loader = _loader(array_path)
     assert not loader.pin_memory or torch.cuda.is_available()
     batch = next(iter(loader))
-    assert batch["collated_global_crops"].shape == (2 * BATCH, 3, GLOBAL, GLOBAL)
-    assert batch["collated_local_crops"].shape == (2 * BATCH, 3, LOCAL, LOCAL)
-    assert batch["collated_masks"].shape == (2 * BATCH, N_TOKENS)
-    assert int((batch["collated_masks"].sum(1) > 0).sum()) == BATCH  # half of the global crops
-    assert batch["positions"].tolist() == [0, 1, 2, 3] and batch["n_skipped"] == 0
-    assert batch["targets"].tolist() == [-1] * BATCH
+    assert batch.global_crops.shape == (2 * BATCH, 3, GLOBAL, GLOBAL)
+    assert batch.local_crops.shape == (2 * BATCH, 3, LOCAL, LOCAL)
+    assert batch.masks.shape == (2 * BATCH, N_TOKENS)
+    assert int((batch.masks.sum(1) > 0).sum()) == BATCH  # half of the global crops
+    assert loader.position == BATCH and loader.skipped_samples == 0
     assert _loader(array_path, num_workers=2).persistent_workers
 
 
 def test_ranks_split_each_global_batch_and_resume_on_another_world_size(array_path):
     per_rank = [_batches(_loader(array_path, rank=r, world_size=2), 3) for r in range(2)]
-    for step in range(3):
-        positions = sorted(torch.cat([per_rank[r][step]["positions"] for r in range(2)]).tolist())
-        assert positions == list(range(step * 2 * BATCH, (step + 1) * 2 * BATCH))
-    # Crops depend on the position only: rank 1's samples reappear on a single-rank run.
+    # Crops depend on the position only: each rank's samples reappear on a single-rank run, at the
+    # positions RankLayout gives the rank (single-rank batch s holds positions s*B .. s*B + B - 1).
     single = _batches(_loader(array_path), 6)
-    crops_by_position = {}
-    for batch in single:
-        for j, p in enumerate(batch["positions"].tolist()):
-            crops_by_position[p] = batch["collated_local_crops"][j]
-    b = per_rank[1][2]
-    for j, p in enumerate(b["positions"].tolist()):
-        assert torch.equal(b["collated_local_crops"][j], crops_by_position[p])
+    crops_by_position = {s * BATCH + j: batch.local_crops[j] for s, batch in enumerate(single) for j in range(BATCH)}
+    for rank in range(2):
+        for step in range(3):
+            positions = RankLayout(BATCH, rank, 2).positions(step * 2 * BATCH)
+            for j, p in enumerate(positions):
+                assert torch.equal(per_rank[rank][step].local_crops[j], crops_by_position[p])
+    loader = _loader(array_path, rank=1, world_size=2)
+    _batches(loader, 1)
+    assert loader.position == 2 * BATCH  # one GLOBAL batch consumed
 
 
 def test_unreadable_samples_are_skipped_and_counted(array_path):
@@ -120,8 +118,7 @@ def test_unreadable_samples_are_skipped_and_counted(array_path):
 
     loader = _loader(array_path, dataset=Flaky(array_path))
     batches = _batches(loader, 5)  # 20 samples = 2 epochs: item 4 is hit twice
-    assert sum(b["n_skipped"] for b in batches) == 2
-    assert loader.skipped_samples == 2
+    assert len(batches) == 5 and loader.skipped_samples == 2
 
 
 def test_creating_and_iterating_does_not_consume_the_global_rng(array_path):

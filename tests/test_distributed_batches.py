@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2.data import DataAugmentationDINO, MaskingGenerator, NumpyArrayDataset, make_ssl_data_loader
+from dinov2.data import DataAugmentationDINO, MaskingGenerator, NumpyArrayDataset, RankLayout, make_ssl_data_loader
 
 GLOBAL, LOCAL, PATCH = 16, 8, 4
 N_TOKENS = (GLOBAL // PATCH) ** 2
@@ -28,25 +28,25 @@ def _batches(array_path, batch, rank, world_size, n, start=0):
         mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, n_tokens=N_TOKENS,
         mask_generator=MaskingGenerator(GLOBAL // PATCH, max_num_patches=0.5 * N_TOKENS),
     )
-    return list(itertools.islice(iter(loader), n))
+    layout = RankLayout(batch, rank, world_size)
+    batches = list(itertools.islice(iter(loader), n))
+    return [_by_position(b, layout.positions(start + step * layout.global_batch_size)) for step, b in enumerate(batches)]
 
 
-def _by_position(batch):
+def _by_position(batch, positions):
     """{(crop, position): (global crop, mask)} for every global crop of a batch."""
-    n = len(batch["positions"])
     out = {}
-    for index in range(len(batch["collated_global_crops"])):
-        crop, j = divmod(index, n)
-        out[(crop, int(batch["positions"][j]))] = (batch["collated_global_crops"][index], batch["collated_masks"][index])
+    for index in range(len(batch.global_crops)):
+        crop, j = divmod(index, len(positions))
+        out[(crop, positions[j])] = (batch.global_crops[index], batch.masks[index])
     return out
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_get_the_single_rank_crops_and_masks_of_their_positions(array_path, world_size):
     per_rank, steps = 8 // world_size, 2
-    single = [_by_position(b) for b in _batches(array_path, 8, 0, 1, steps, start=8)]
-    ranks = [[_by_position(b) for b in _batches(array_path, per_rank, r, world_size, steps, start=8)]
-             for r in range(world_size)]
+    single = _batches(array_path, 8, 0, 1, steps, start=8)
+    ranks = [_batches(array_path, per_rank, r, world_size, steps, start=8) for r in range(world_size)]
     for step in range(steps):
         merged = {k: v for r in range(world_size) for k, v in ranks[r][step].items()}
         assert merged.keys() == single[step].keys()

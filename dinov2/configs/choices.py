@@ -96,6 +96,14 @@ class Launcher(Choice):
     single = "single"
 
 
+class CropPipeline(Choice):
+    """How the multi-crop parameters are applied (dinov2.data.augmentations): ``reference`` with
+    torchvision / PIL as the official pipeline, ``fast`` with OpenCV and torch uint8 kernels."""
+
+    reference = "reference"
+    fast = "fast"
+
+
 class DistBackend(Choice):
     """The process-group backend: auto is nccl on CUDA, gloo on CPU."""
 

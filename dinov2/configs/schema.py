@@ -5,198 +5,243 @@ The single source of defaults: a recipe (configs/train/*.yaml) overrides only wh
 Names follow the official DINOv2 configs (``student``, ``teacher``, ``dino``, ``ibot``, ``crops``,
 ``optim``, ``train``) so recipes port unchanged; sections the official code lacks (``data``,
 ``compute``, ``checkpoint``, ``logging``, ``evaluation``, ``distributed``) are ours.
-Schedules are in epochs of ``train.OFFICIAL_EPOCH_LENGTH`` steps, as in the official recipes.
+Schedules are in epochs of ``train.OFFICIAL_EPOCH_LENGTH`` steps, as in the official recipes
+(``auto``: one pass over the data, see dinov2/train/run_plan.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from .choices import ActivationCheckpointing, Arch, AttentionBackend, Centering, DistBackend, FfnLayer, Launcher, Precision, ScalingRule
-from .ranges import ranged
+from .choices import (
+    ActivationCheckpointing, Arch, AttentionBackend, Centering, CropPipeline, DistBackend, FfnLayer, Launcher, Precision,
+    ScalingRule,
+)
+from .ranges import option, ranged
 
-# Valid values sit next to each numeric key: ``ranged(default, gt=0)`` (see ranges.py), checked at load
-# time by the loader; a None default means null is also valid. Closed sets of strings are enums (choices.py).
+# Valid values sit next to each numeric key: ``ranged(default, gt=0, doc=...)`` (see ranges.py), checked at
+# load time by the loader; a None default means null is also valid. Closed sets of strings are enums
+# (choices.py). Every key carries its one-line description (``doc``), shown by dinov2-train --print-config.
 PROBABILITY = dict(ge=0.0, le=1.0)
 SCALE_PAIR = dict(gt=0.0, le=1.0, length=2, ordered=True)  # [min, max] fractions of the image area
 
 
 @dataclass
 class StudentConfig:
-    arch: Arch = Arch.vit_large
-    patch_size: int = ranged(14, ge=1)
-    drop_path_rate: float = ranged(0.3, ge=0.0, lt=1.0)
-    drop_path_uniform: bool = True
-    layerscale: float = ranged(1.0e-5, ge=0.0)  # LayerScale init value; 0 = no LayerScale
-    ffn_layer: FfnLayer = FfnLayer.mlp
-    block_chunks: int = ranged(0, ge=0)
-    qkv_bias: bool = True
-    proj_bias: bool = True
-    ffn_bias: bool = True
-    num_register_tokens: int = ranged(0, ge=0)
-    interpolate_antialias: bool = False
-    interpolate_offset: float = ranged(0.1, ge=0.0, lt=1.0)
-    in_chans: int = ranged(3, ge=1)
-    attention_backend: AttentionBackend = AttentionBackend.auto
-    pretrained_weights: str = ""
-    # Overrides of the architecture's width/depth, for small experiments (null = the arch's own).
-    embed_dim: Optional[int] = ranged(None, ge=1)
-    depth: Optional[int] = ranged(None, ge=1)
-    num_heads: Optional[int] = ranged(None, ge=1)
+    arch: Arch = option(
+        Arch.vit_large,
+        doc="ViT size: vit_small 384/12/6, vit_base 768/12/12, vit_large 1024/24/16, vit_giant2 1536/40/24",
+    )
+    patch_size: int = ranged(14, ge=1, doc="patch side in pixels (crop sizes must be multiples of it)")
+    drop_path_rate: float = ranged(0.3, ge=0.0, lt=1.0, doc="stochastic depth rate of the student")
+    drop_path_uniform: bool = option(True, doc="the same drop-path rate in every block (else rising with depth)")
+    layerscale: float = ranged(
+        1.0e-5, ge=0.0, doc="LayerScale init value; 0 = no LayerScale (small models learn faster with ~0.1)")
+    ffn_layer: FfnLayer = option(FfnLayer.mlp, doc="feed-forward block: mlp, swiglu / swiglufused (ViT-g) or identity")
+    block_chunks: int = ranged(0, ge=0, doc="group blocks in this many chunks (official FSDP1 layout; 0 = none)")
+    qkv_bias: bool = option(True, doc="bias in the attention qkv projection")
+    proj_bias: bool = option(True, doc="bias in the attention output projection")
+    ffn_bias: bool = option(True, doc="biases in the feed-forward block")
+    num_register_tokens: int = ranged(0, ge=0, doc="register tokens (4 in the _reg released models)")
+    interpolate_antialias: bool = option(False, doc="antialiased bicubic resampling of position embeddings")
+    interpolate_offset: float = ranged(
+        0.1, ge=0.0, lt=1.0, doc="offset of the position-embedding resampling (official: 0.1; _reg models 0.0)")
+    in_chans: int = ranged(3, ge=1, doc="input channels (1 grayscale, 3 RGB, more for npy multi-band arrays)")
+    attention_backend: AttentionBackend = option(
+        AttentionBackend.auto, doc="attention kernel: auto picks the fastest that works here")
+    pretrained_weights: str = option(
+        "", doc="start the student from these backbone weights (a file, or LVD142M for the released ones)")
+    embed_dim: Optional[int] = ranged(
+        None, ge=1, doc="override the arch's width, for small experiments (null = the arch's own)")
+    depth: Optional[int] = ranged(None, ge=1, doc="override the arch's number of blocks (null = the arch's own)")
+    num_heads: Optional[int] = ranged(None, ge=1, doc="override the arch's attention heads (null = the arch's own)")
 
 
 @dataclass
 class TeacherConfig:
-    momentum_teacher: float = ranged(0.992, **PROBABILITY)
-    final_momentum_teacher: float = ranged(1.0, **PROBABILITY)
-    warmup_teacher_temp: float = ranged(0.04, gt=0.0)
-    teacher_temp: float = ranged(0.07, gt=0.0)
-    warmup_teacher_temp_epochs: int = ranged(30, ge=0)
+    momentum_teacher: float = ranged(
+        0.992, **PROBABILITY, doc="EMA momentum of the teacher at step 0 (cosine to the final value)")
+    final_momentum_teacher: float = ranged(1.0, **PROBABILITY, doc="EMA momentum of the teacher at the last step")
+    warmup_teacher_temp: float = ranged(0.04, gt=0.0, doc="teacher softmax temperature at step 0")
+    teacher_temp: float = ranged(0.07, gt=0.0, doc="teacher softmax temperature after the warmup")
+    warmup_teacher_temp_epochs: int = ranged(30, ge=0, doc="epochs of the linear teacher-temperature warmup")
 
 
 @dataclass
 class DinoConfig:
-    loss_weight: float = ranged(1.0, ge=0.0)
-    head_n_prototypes: int = ranged(65536, ge=1)
-    head_bottleneck_dim: int = ranged(256, ge=1)
-    head_nlayers: int = ranged(3, ge=1)
-    head_hidden_dim: int = ranged(2048, ge=1)
-    koleo_loss_weight: float = ranged(0.1, ge=0.0)
+    loss_weight: float = ranged(1.0, ge=0.0, doc="weight of the DINO (class token) loss; 0 = off")
+    head_n_prototypes: int = ranged(65536, ge=1, doc="prototypes K of the DINO head (teacher entropy is at most ln K)")
+    head_bottleneck_dim: int = ranged(256, ge=1, doc="bottleneck width of the DINO head")
+    head_nlayers: int = ranged(3, ge=1, doc="MLP layers of the DINO head")
+    head_hidden_dim: int = ranged(2048, ge=1, doc="hidden width of the DINO head")
+    koleo_loss_weight: float = ranged(0.1, ge=0.0, doc="weight of the KoLeo spreading regulariser; 0 = off")
 
 
 @dataclass
 class IbotConfig:
-    loss_weight: float = ranged(1.0, ge=0.0)
-    mask_sample_probability: float = ranged(0.5, **PROBABILITY)
-    mask_ratio_min_max: List[float] = ranged([0.1, 0.5], **PROBABILITY, length=2, ordered=True)
-    separate_head: bool = False
-    head_n_prototypes: int = ranged(65536, ge=1)
-    head_bottleneck_dim: int = ranged(256, ge=1)
-    head_nlayers: int = ranged(3, ge=1)
-    head_hidden_dim: int = ranged(2048, ge=1)
+    loss_weight: float = ranged(1.0, ge=0.0, doc="weight of the iBOT masked-patch loss; 0 = off")
+    mask_sample_probability: float = ranged(0.5, **PROBABILITY, doc="fraction of global crops that get a mask")
+    mask_ratio_min_max: List[float] = ranged(
+        [0.1, 0.5], **PROBABILITY, length=2, ordered=True, doc="[min, max] fraction of patches masked in a masked crop")
+    separate_head: bool = option(False, doc="a head of its own for iBOT (else the DINO head is shared)")
+    head_n_prototypes: int = ranged(65536, ge=1, doc="prototypes of the iBOT head (separate_head only)")
+    head_bottleneck_dim: int = ranged(256, ge=1, doc="bottleneck width of the iBOT head")
+    head_nlayers: int = ranged(3, ge=1, doc="MLP layers of the iBOT head")
+    head_hidden_dim: int = ranged(2048, ge=1, doc="hidden width of the iBOT head")
 
 
 @dataclass
 class CropsConfig:
-    global_crops_scale: List[float] = ranged([0.32, 1.0], **SCALE_PAIR)
-    local_crops_number: int = ranged(8, ge=0)  # 0 trains on the two global crops only
-    local_crops_scale: List[float] = ranged([0.05, 0.32], **SCALE_PAIR)
-    global_crops_size: int = ranged(224, ge=1)
-    local_crops_size: int = ranged(98, ge=1)
-    flip_p: float = ranged(0.5, **PROBABILITY)
-    # brightness, contrast, saturation, hue (torchvision ColorJitter; the loader also checks hue <= 0.5)
-    color_jitter: List[float] = ranged([0.4, 0.4, 0.2, 0.1], ge=0.0, length=4)
-    color_jitter_p: float = ranged(0.8, **PROBABILITY)
-    grayscale_p: float = ranged(0.2, **PROBABILITY)
-    blur_p: List[float] = ranged([1.0, 0.1, 0.5], **PROBABILITY, length=3)  # global 1, global 2, local
-    solarize_p: float = ranged(0.2, **PROBABILITY)
-    # Per-channel normalisation of pixels in [0, 1]; one value per student.in_chans.
-    mean: List[float] = ranged([0.485, 0.456, 0.406], **PROBABILITY, min_length=1)
-    std: List[float] = ranged([0.229, 0.224, 0.225], gt=0.0, min_length=1)
+    global_crops_scale: List[float] = ranged(
+        [0.32, 1.0], **SCALE_PAIR, doc="[min, max] area fraction of the 2 global crops")
+    local_crops_number: int = ranged(8, ge=0, doc="local crops per image; 0 trains on the two global crops only")
+    local_crops_scale: List[float] = ranged(
+        [0.05, 0.32], **SCALE_PAIR, doc="[min, max] area fraction of the local crops")
+    global_crops_size: int = ranged(224, ge=1, doc="side of the global crops in pixels (the training resolution)")
+    local_crops_size: int = ranged(98, ge=1, doc="side of the local crops in pixels")
+    flip_p: float = ranged(0.5, **PROBABILITY, doc="probability of a horizontal flip")
+    color_jitter: List[float] = ranged(
+        [0.4, 0.4, 0.2, 0.1], ge=0.0, length=4,
+        doc="brightness, contrast, saturation, hue of torchvision ColorJitter (hue <= 0.5)",
+    )
+    color_jitter_p: float = ranged(0.8, **PROBABILITY, doc="probability of the color jitter")
+    grayscale_p: float = ranged(0.2, **PROBABILITY, doc="probability of converting a crop to grayscale")
+    blur_p: List[float] = ranged(
+        [1.0, 0.1, 0.5], **PROBABILITY, length=3,
+        doc="Gaussian blur probability: global crop 1, global crop 2, local crops",
+    )
+    solarize_p: float = ranged(0.2, **PROBABILITY, doc="probability of solarizing the second global crop")
+    mean: List[float] = ranged(
+        [0.485, 0.456, 0.406], **PROBABILITY, min_length=1,
+        doc="per-channel mean of pixels in [0, 1], one per student.in_chans",
+    )
+    std: List[float] = ranged(
+        [0.229, 0.224, 0.225], gt=0.0, min_length=1,
+        doc="per-channel std of pixels in [0, 1], one per student.in_chans",
+    )
+    pipeline: CropPipeline = option(
+        CropPipeline.fast, doc="fast (OpenCV + torch uint8, ~3x the images/s per core) | reference (torchvision/PIL)")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = ranged(100, ge=1)
-    weight_decay: float = ranged(0.04, ge=0.0)
-    weight_decay_end: float = ranged(0.4, ge=0.0)
-    base_lr: float = ranged(0.004, gt=0.0)
-    warmup_epochs: int = ranged(10, ge=0)  # at most optim.epochs
-    min_lr: float = ranged(1.0e-6, ge=0.0)
-    clip_grad: float = ranged(3.0, ge=0.0)  # max gradient norm per module; 0 = no clipping
-    freeze_last_layer_epochs: int = ranged(1, ge=0)
-    scaling_rule: ScalingRule = ScalingRule.sqrt_wrt_1024
-    patch_embed_lr_mult: float = ranged(0.2, ge=0.0)
-    layerwise_decay: float = ranged(0.9, gt=0.0, le=1.0)
-    adamw_beta1: float = ranged(0.9, ge=0.0, lt=1.0)
-    adamw_beta2: float = ranged(0.999, ge=0.0, lt=1.0)
+    epochs: int = ranged(100, ge=1, doc="length of the run in epochs of train.OFFICIAL_EPOCH_LENGTH steps")
+    weight_decay: float = ranged(0.04, ge=0.0, doc="AdamW weight decay at step 0 (cosine to weight_decay_end)")
+    weight_decay_end: float = ranged(0.4, ge=0.0, doc="AdamW weight decay at the last step")
+    base_lr: float = ranged(0.004, gt=0.0, doc="peak learning rate before batch scaling (see scaling_rule)")
+    warmup_epochs: int = ranged(10, ge=0, doc="epochs of linear lr warmup (at most optim.epochs)")
+    min_lr: float = ranged(1.0e-6, ge=0.0, doc="learning rate at the end of the cosine decay")
+    clip_grad: float = ranged(3.0, ge=0.0, doc="max gradient norm per module; 0 = no clipping")
+    freeze_last_layer_epochs: int = ranged(1, ge=0, doc="epochs with the heads' last layer frozen (lr 0)")
+    scaling_rule: ScalingRule = option(
+        ScalingRule.sqrt_wrt_1024, doc="lr = base_lr x sqrt(batch/1024), x batch/256, or unscaled")
+    patch_embed_lr_mult: float = ranged(0.2, ge=0.0, doc="lr multiplier of the patch embedding")
+    layerwise_decay: float = ranged(0.9, gt=0.0, le=1.0, doc="lr decay per block from the top (1 = none)")
+    adamw_beta1: float = ranged(0.9, ge=0.0, lt=1.0, doc="AdamW beta1")
+    adamw_beta2: float = ranged(0.999, ge=0.0, lt=1.0, doc="AdamW beta2")
 
 
 @dataclass
 class TrainConfig:
-    batch_size_per_gpu: int = ranged(64, ge=1)
-    OFFICIAL_EPOCH_LENGTH: int = ranged(1250, ge=1)
-    centering: Centering = Centering.centering
-    seed: int = ranged(0, ge=0)
-    max_nonfinite_steps: int = ranged(10, ge=0)  # stop after this many skipped non-finite steps
-    max_steps: Optional[int] = ranged(None, ge=1)  # stop early (e.g. a demo); schedules still span optim.epochs
-    # When set, batch_size_per_gpu is derived as global_batch_size / (world size * grad_accum_steps)
+    batch_size_per_gpu: int = ranged(64, ge=1, doc="images per process per micro-batch")
+    OFFICIAL_EPOCH_LENGTH: Union[int, str] = ranged(
+        1250, ge=1, words=("auto",),
+        doc="steps per epoch; auto = one pass over the data (ceil(images / global batch))")
+    centering: Centering = option(
+        Centering.centering, doc="teacher centering: running-mean centering or sinkhorn_knopp")
+    seed: int = ranged(0, ge=0, doc="seed of weights, crops, masks and data order")
+    max_nonfinite_steps: int = ranged(10, ge=0, doc="stop after this many skipped non-finite steps")
+    max_steps: Optional[int] = ranged(
+        None, ge=1, doc="stop early after this many steps; schedules still span optim.epochs")
+    # batch_size_per_gpu is then derived as global_batch_size / (world size * grad_accum_steps)
     # (an error if that does not divide), so one recipe keeps its global batch on any world size.
-    global_batch_size: Optional[int] = ranged(None, ge=1)
+    global_batch_size: Optional[int] = ranged(
+        None, ge=1, doc="images per optimizer step over all processes (null: batch_size_per_gpu x world x accum)")
 
 
 @dataclass
 class DataConfig:
-    # mnist_demo | folder:PATH | manifest:PATH | npy:PATH
-    dataset: str = "mnist_demo"
-    num_workers: int = ranged(2, ge=0)
+    dataset: str = option("mnist_demo", doc="training images: mnist_demo | folder:PATH | manifest:PATH | npy:PATH")
+    num_workers: int = ranged(
+        -1, ge=-1, doc="data-loading worker processes per rank (0 = in the training process; -1 = the CPU cores "
+                       "this process may use, shared by the LOCAL_WORLD_SIZE ranks of the machine, less one)")
+    prefetch_factor: int = ranged(4, ge=1, doc="batches each worker prepares ahead (with num_workers > 0)")
 
 
 @dataclass
 class ComputeConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.fp32
-    grad_accum_steps: int = ranged(1, ge=1)
-    compile: bool = False  # torch.compile each transformer block (student and teacher)
-    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none  # student blocks
-    # Build the model on the meta device and initialise it on compute.device after sharding (same
-    # weights as a plain build from the same seed on CPU); off = build on the CPU and copy.
-    meta_init: bool = True
-    fused_optimizer: bool = True  # fused AdamW where the device supports it
-    # CPU threads of the training process (torch.set_num_threads); None keeps torch's default.
+    device: str = option("auto", doc="auto | cpu | cuda | cuda:N")
+    precision: Precision = option(
+        Precision.fp32, doc="autocast precision: fp32, bf16 (GPU), fp16 (GPU, with grad scaling)")
+    grad_accum_steps: int = ranged(1, ge=1, doc="micro-batches per optimizer step")
+    compile: bool = option(False, doc="torch.compile each transformer block (student and teacher)")
+    activation_checkpointing: ActivationCheckpointing = option(
+        ActivationCheckpointing.none, doc="recompute student-block activations in backward: none, full, selective")
+    # Same weights as a plain build from the same seed on CPU.
+    meta_init: bool = option(
+        True,
+        doc="build on the meta device and initialise on compute.device after sharding (off: build on CPU and copy)",
+    )
+    fused_optimizer: bool = option(True, doc="fused AdamW where the device supports it")
     # On a small CPU leave a core to each data worker: oversubscribed cores slow both down.
-    num_threads: Optional[int] = ranged(None, ge=1)
+    num_threads: Optional[int] = ranged(None, ge=1, doc="CPU threads of the training process (null = torch's default)")
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = ranged(1000, ge=1)
-    keep_last: int = ranged(3, ge=1)
-    # Stage the state to CPU and write it in a background thread (dcp.async_save) while training
-    # goes on; the checkpoint appears (atomically) when the write completes.
-    async_save: bool = False
+    every_n_steps: int = ranged(1000, ge=1, doc="write a checkpoint every this many steps (and at the end)")
+    keep_last: int = ranged(3, ge=1, doc="checkpoints kept on disk")
+    # The checkpoint appears (atomically) when the write completes.
+    async_save: bool = option(
+        False, doc="stage the state to CPU and write it in a background thread while training goes on")
 
 
 @dataclass
 class LoggingConfig:
     # Losses and collapse monitors are computed every step; writing them costs one host sync,
     # so the GPU recipes write every 10 steps.
-    every_n_steps: int = ranged(1, ge=1)
-    tensorboard: bool = True
-    progress_bar: bool = True
+    every_n_steps: int = ranged(1, ge=1, doc="write metrics (and check for collapse) every this many steps")
+    tensorboard: bool = option(True, doc="also write TensorBoard events (RUN_DIR/tensorboard)")
+    progress_bar: bool = option(True, doc="a tqdm progress bar on rank 0")
+    collapse_warnings: bool = option(True, doc="warn when the monitors show a collapse (see README, healthy ranges)")
+    plots: bool = option(True, doc="draw loss_curve.png (and knn_curve.png) in the run directory at the end")
+    mlflow: bool = option(False, doc="also log to MLflow (when installed; MLFLOW_TRACKING_URI or ./mlruns)")
+    wandb: bool = option(False, doc="also log to Weights & Biases (when installed; WANDB_MODE=offline works offline)")
+    experiment: str = option("dinov2", doc="MLflow experiment / W&B project name")
 
 
 @dataclass
 class EvaluationConfig:
     """kNN of the teacher's class token on a labelled set during training (dinov2-eval's maths)."""
 
-    knn_every_n_steps: int = ranged(0, ge=0)  # 0 disables it
-    dataset: str = ""  # dinov2-eval data spec: mnist | a class-per-folder directory | images.npy
-    labels: str = ""  # labels .npy for an images .npy
-    val_fraction: float = ranged(0.2, gt=0.0, lt=1.0)
-    img_size: Optional[int] = ranged(None, ge=1)  # default: crops.global_crops_size
-    resize_ratio: float = ranged(1.0, ge=1.0)  # resize to img_size * resize_ratio, center-crop img_size
-    ks: List[int] = ranged([20], ge=1, min_length=1)
-    limit: Optional[int] = ranged(None, ge=1)  # evaluate on a stratified subset of at most this many samples
+    knn_every_n_steps: int = ranged(0, ge=0, doc="kNN of the teacher every this many steps; 0 disables it")
+    dataset: str = option("", doc="labelled set: mnist | a class-per-folder directory | images.npy")
+    labels: str = option("", doc="labels .npy for an images .npy")
+    val_fraction: float = ranged(0.2, gt=0.0, lt=1.0, doc="stratified fraction held out as kNN queries")
+    img_size: Optional[int] = ranged(None, ge=1, doc="evaluation image size (null = crops.global_crops_size)")
+    resize_ratio: float = ranged(1.0, ge=1.0, doc="resize to img_size x resize_ratio, then center-crop img_size")
+    ks: List[int] = ranged([20], ge=1, min_length=1, doc="neighbour counts k of the kNN classifier")
+    limit: Optional[int] = ranged(None, ge=1, doc="evaluate on a stratified subset of at most this many samples")
 
 
 @dataclass
 class DistributedConfig:
-    # How the processes were started: auto (reads which variables are set: torchrun's RANK/WORLD_SIZE/
-    # MASTER_ADDR/MASTER_PORT, then SLURM_PROCID/SLURM_NTASKS with more than one task; logs its pick),
-    # torchrun, slurm (srun tasks, one per GPU) or single (one process, no process group).
-    launcher: Launcher = Launcher.auto
-    backend: DistBackend = DistBackend.auto  # auto: nccl on CUDA, gloo on CPU
-    # Rendezvous and every collective: a dead or stuck rank fails the job after this long.
-    timeout_minutes: float = ranged(30.0, gt=0.0)
-    # slurm launcher only: MASTER_PORT if set, else this, else 20000 + SLURM_JOB_ID % 40000.
-    master_port: Optional[int] = ranged(None, ge=1, le=65535)
-    # HSDP: replicate over this many groups and shard within each (1 = plain FSDP over all ranks).
-    replicate_degree: int = ranged(1, ge=1)
-    reshard_after_forward: bool = True  # student only; the teacher (no backward) always reshards
-    param_dtype: Precision = Precision.fp32  # FSDP2 MixedPrecisionPolicy
-    reduce_dtype: Precision = Precision.fp32  # gradient reduce-scatter dtype
+    # auto reads which variables are set: torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, then
+    # SLURM_PROCID/SLURM_NTASKS with more than one task; logs its pick.
+    launcher: Launcher = option(
+        Launcher.auto, doc="how the processes were started: auto, torchrun, slurm (srun tasks) or single")
+    backend: DistBackend = option(DistBackend.auto, doc="process-group backend: auto = nccl on CUDA, gloo on CPU")
+    timeout_minutes: float = ranged(
+        30.0, gt=0.0, doc="rendezvous and collective timeout: a dead or stuck rank fails the job after this")
+    master_port: Optional[int] = ranged(
+        None, ge=1, le=65535, doc="slurm launcher: MASTER_PORT if set, else this, else 20000 + job id % 40000")
+    replicate_degree: int = ranged(
+        1, ge=1, doc="HSDP: replicate over this many groups, shard within each (1 = plain FSDP)")
+    reshard_after_forward: bool = option(
+        True, doc="free the student's gathered weights after forward (the teacher always does)")
+    param_dtype: Precision = option(Precision.fp32, doc="FSDP2 MixedPrecisionPolicy parameter dtype")
+    reduce_dtype: Precision = option(Precision.fp32, doc="gradient reduce-scatter dtype")
 
 
 @dataclass

@@ -2,16 +2,19 @@
 and an infinite sampler / loader whose every random draw is a function of
 (seed, global sample position), so training resumes exactly."""
 
-from .augmentations import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CropParams, DataAugmentationDINO
-from .collate import collate_data_and_cast
-from .datasets import ImageFolderDataset, ManifestDataset, NumpyArrayDataset, image_extensions, load_image
-from .loaders import SSLCollate, SSLDataLoader, make_ssl_data_loader
+from .augmentations import (
+    IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, CropParams, DataAugmentationDINO, normalize_crops,
+)
+from .collate import SSLBatch, SSLCollate
+from .datasets import ClassFolderDataset, ImageFolderDataset, ManifestDataset, NumpyArrayDataset
+from .images import image_extensions, list_image_files, load_image
+from .loaders import SSLDataLoader, make_ssl_data_loader
 from .masking import MaskingGenerator
 from .mnist import MNIST_MEAN, MNIST_STD, MNISTDemoDataset, load_mnist_demo_arrays
 from .splits import stratified_split
-from .samplers import InfiniteSampler
+from .samplers import InfiniteSampler, RankLayout, SampleKey
 from .seeding import derive_seed, numpy_rng, torch_generator
-from .ssl_dataset import SSLDataset
+from .ssl_dataset import Sample, SSLDataset
 from .unreadable import SkipUnreadable
 
 __all__ = [
@@ -19,6 +22,7 @@ __all__ = [
     "IMAGENET_DEFAULT_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "ClassFolderDataset",
     "CropParams",
     "DataAugmentationDINO",
     "ImageFolderDataset",
@@ -27,16 +31,21 @@ __all__ = [
     "ManifestDataset",
     "MaskingGenerator",
     "NumpyArrayDataset",
+    "RankLayout",
+    "SSLBatch",
     "SSLCollate",
     "SSLDataLoader",
     "SSLDataset",
+    "Sample",
+    "SampleKey",
     "SkipUnreadable",
-    "collate_data_and_cast",
     "derive_seed",
     "image_extensions",
+    "list_image_files",
     "load_image",
     "load_mnist_demo_arrays",
     "make_ssl_data_loader",
+    "normalize_crops",
     "numpy_rng",
     "stratified_split",
     "torch_generator",

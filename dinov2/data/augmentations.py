@@ -3,7 +3,9 @@
 Recipe of the official dinov2 ``DataAugmentationDINO``: RandomResizedCrop (bicubic),
 horizontal flip, colour jitter (p 0.8) and random grayscale (p 0.2), Gaussian blur
 (kernel 9, sigma 0.1-2.0) and solarize on the second global crop, then ToTensor and
-Normalize. The image operations are torchvision's (``transforms.v2.functional``);
+Normalize. With ``normalize=False`` (the training loader's setting) the crops stay as the
+image gave them, uint8 for 8-bit images, and ``normalize_crops`` does the ToTensor +
+Normalize arithmetic later, batched on the device. The image operations are torchvision's (``transforms.v2.functional``);
 the random *parameters* are drawn here from an explicit ``torch.Generator``, which is
 what lets the SSL dataset make every crop a pure function of (seed, sample position)
 without touching or forking the global torch RNG.
@@ -23,6 +25,12 @@ Channels (``num_channels``):
   construction with a ValueError (we do not silently drop them). Crops, flips, blur,
   solarize (for data in [0, 1]) and per-channel normalisation work for any C.
 
+Pipelines (``pipeline``): ``"reference"`` applies each crop's parameters with torchvision /
+PIL, the operations of the official pipeline; ``"fast"`` applies the SAME parameters with
+OpenCV and torch's uint8 kernels (``fast_crops.py``), several times faster per core and equal
+to the reference up to rounding (a level or two of 255), for 8-bit inputs with 1 or 3
+channels (other inputs take the reference path).
+
 Inputs: a PIL image (converted to "RGB" or "L" to match ``num_channels``), or a
 tensor (C, H, W) / (H, W) of dtype uint8 (scaled by 1/255 like ToTensor) or float
 (used as is; solarize then assumes values in [0, 1], threshold 0.5).
@@ -33,12 +41,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from .fast_crops import apply_crop_fast, as_hwc_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect range
 _RRC_ATTEMPTS = 10
 
 ImageLike = Union[Image.Image, torch.Tensor]
+PIPELINES = ("reference", "fast")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,27 @@ class CropParams:
     grayscale: bool
     blur_sigma: Optional[float]
     solarize: bool
+
+
+def normalize_crops(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel (dim -3), ``x = crops / 255`` for uint8 crops, as a new float32 tensor.
+
+    The arithmetic of ToTensor + Normalize (divide by 255, not multiply by 1/255; subtract then
+    divide), so it matches them bitwise. Works on one crop or a batch, on any device; mean and
+    std are Python numbers, so no host tensor is copied to the device.
+    """
+    if crops.ndim < 3 or crops.shape[-3] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"crops of shape {tuple(crops.shape)} need one mean and std per channel (dim -3), "
+                         f"got {len(mean)} means and {len(std)} stds")
+    if crops.dtype == torch.uint8:
+        out = crops.to(torch.float32).div(255)
+    elif crops.is_floating_point():
+        out = crops.to(torch.float32, copy=True)
+    else:
+        raise TypeError(f"crops must be uint8 or floating point, got {crops.dtype}")
+    for c, (m, s) in enumerate(zip(mean, std)):
+        out[..., c, :, :].sub_(float(m)).div_(float(s))
+    return out
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -126,6 +158,8 @@ class DataAugmentationDINO:
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         num_channels: int = 3,
+        normalize: bool = True,
+        pipeline: str = "reference",
     ):
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
@@ -144,6 +178,8 @@ class DataAugmentationDINO:
                 f"num_channels={num_channels} set color_jitter_p=0 and grayscale_p=0 "
                 f"(got color_jitter_p={color_jitter_p}, grayscale_p={grayscale_p})"
             )
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
         if blur_kernel % 2 != 1:
             raise ValueError(f"blur_kernel must be odd, got {blur_kernel}")
         for name, p in [("flip_p", flip_p), ("color_jitter_p", color_jitter_p), ("grayscale_p", grayscale_p),
@@ -169,6 +205,8 @@ class DataAugmentationDINO:
         self.mean = [float(m) for m in mean]
         self.std = [float(v) for v in std]
         self.num_channels = int(num_channels)
+        self.normalize = bool(normalize)
+        self.pipeline = pipeline
         logger.info(
             "multi-crop: 2 global %d px scale %s, %d local %d px scale %s, %d channels",
             self.global_crops_size, self.global_crops_scale, self.local_crops_number,
@@ -225,7 +263,7 @@ class DataAugmentationDINO:
         if params.solarize:
             eight_bit = isinstance(out, Image.Image) or out.dtype == torch.uint8
             out = F.solarize(out, 128 if eight_bit else 0.5)
-        return self._to_normalized_tensor(out)
+        return self._to_tensor(out)
 
     def _color_jitter(self, img: ImageLike, jitter: ColorJitterParams) -> ImageLike:
         brightness, contrast, saturation, hue = jitter.factors
@@ -238,13 +276,24 @@ class DataAugmentationDINO:
                 img = F.adjust_saturation(img, saturation) if fn_id == 2 else F.adjust_hue(img, hue)
         return img
 
-    def _to_normalized_tensor(self, img: ImageLike) -> torch.Tensor:
+    def _to_tensor(self, img: ImageLike) -> torch.Tensor:
         if isinstance(img, Image.Image):
             img = F.pil_to_tensor(img)
         img = img.as_subclass(torch.Tensor)
-        # Same arithmetic as ToTensor (divide, not multiply by 1/255) to match it bitwise.
-        img = img.to(torch.float32).div(255) if img.dtype == torch.uint8 else img.to(torch.float32)
-        return F.normalize(img, mean=self.mean, std=self.std)
+        if not self.normalize:
+            return img if img.dtype == torch.uint8 else img.to(torch.float32)
+        return normalize_crops(img, self.mean, self.std)
+
+    def _crop_applier(self, image: ImageLike) -> Callable[[CropParams, int], torch.Tensor]:
+        """``(params, size) -> crop`` for one image, by the configured pipeline."""
+        if self.pipeline == "fast":
+            hwc = as_hwc_uint8(image)
+            if hwc is not None and hwc.shape[2] in (1, 3):
+                def fast(params: CropParams, size: int) -> torch.Tensor:
+                    crop = apply_crop_fast(hwc, params, size, self.blur_kernel)
+                    return normalize_crops(crop, self.mean, self.std) if self.normalize else crop
+                return fast
+        return lambda params, size: self.apply_crop(image, params, size)
 
     # --- entry point ------------------------------------------------------------------
 
@@ -268,13 +317,13 @@ class DataAugmentationDINO:
                                      solarize_p=0.0)
         p2 = self.sample_crop_params(generator, height, width, scale=self.global_crops_scale, blur_p=g_blur2,
                                      solarize_p=self.solarize_p)
-        global_crops = [self.apply_crop(image, p1, self.global_crops_size),
-                        self.apply_crop(image, p2, self.global_crops_size)]
+        apply = self._crop_applier(image)
+        global_crops = [apply(p1, self.global_crops_size), apply(p2, self.global_crops_size)]
         local_crops: List[torch.Tensor] = []
         for _ in range(self.local_crops_number):
             pl = self.sample_crop_params(generator, height, width, scale=self.local_crops_scale, blur_p=l_blur,
                                          solarize_p=0.0)
-            local_crops.append(self.apply_crop(image, pl, self.local_crops_size))
+            local_crops.append(apply(pl, self.local_crops_size))
         return {
             "global_crops": global_crops,
             # Same tensors as the student's globals (the teacher sees identical views).

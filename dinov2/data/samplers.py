@@ -1,20 +1,23 @@
-"""Infinite, seeded, rank-sharded sampler that resumes at the exact sample.
+"""Infinite, seeded, rank-sharded batch sampler that resumes at the exact sample.
 
 The run consumes one GLOBAL stream of positions 0, 1, 2, ...; position p belongs to
 epoch ``p // sample_count`` and reads element ``p % sample_count`` of that epoch's
-permutation (a torch.Generator seeded from (seed, epoch)). Rank r of W takes
-positions ``start + r, start + r + W, ...``, so one global batch of B per rank is
-the contiguous block of W*B positions. Resuming after k steps is ``start = k * W * B``,
-with any world size: the global stream does not depend on W.
+permutation (a torch.Generator seeded from (seed, epoch)). The stream is cut into
+global batches of W*B consecutive positions, and ``RankLayout`` is THE rule that splits
+one global batch over ranks (rank r takes ``batch_start + r + W*i``): nothing else in
+the project knows it. Resuming after k steps is ``start = k * W * B``, with any world
+size: the global stream does not depend on W.
 
-The sampler yields ``(index, global_position)`` pairs; ``SSLDataset`` seeds the
-augmentation of each sample from (seed, global_position), so crops too are a pure
-function of the position and no worker RNG state needs checkpointing.
+The sampler yields, per step, this rank's ``SampleKey(index, position, batch_start)``s;
+``SSLDataset`` seeds the augmentation of each sample from (seed, position) and the
+collate seeds the iBOT masks from ``batch_start``, so a batch is a pure function of its
+positions and no worker RNG state needs checkpointing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.data import Sampler
@@ -22,20 +25,53 @@ from torch.utils.data import Sampler
 from .seeding import STREAM_EPOCH, torch_generator
 
 
-class InfiniteSampler(Sampler):
-    def __init__(self, sample_count: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, start: int = 0):
+class SampleKey(NamedTuple):
+    """What the sampler hands the dataset for one sample."""
+
+    index: int  # dataset index
+    position: int  # global stream position (seeds the crops)
+    batch_start: int  # first global position of the global batch it belongs to (seeds the masks)
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How one global batch of ``world_size * batch_size_per_rank`` consecutive positions
+    ``[batch_start, batch_start + global_batch_size)`` is split over ranks: rank r takes
+    ``batch_start + r + world_size * i`` for ``i < batch_size_per_rank`` (interleaved, so the
+    first samples of every global batch are spread over all ranks)."""
+
+    batch_size_per_rank: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.batch_size_per_rank < 1:
+            raise ValueError(f"batch_size_per_rank must be >= 1, got {self.batch_size_per_rank}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size_per_rank * self.world_size
+
+    def positions(self, batch_start: int) -> range:
+        """This rank's global positions in the global batch that starts at ``batch_start``."""
+        return range(batch_start + self.rank, batch_start + self.global_batch_size, self.world_size)
+
+
+class InfiniteSampler(Sampler[List[SampleKey]]):
+    """Batch sampler: yields this rank's ``SampleKey``s of each global batch, forever, from ``start``."""
+
+    def __init__(self, sample_count: int, layout: RankLayout = RankLayout(1), shuffle: bool = True, seed: int = 0,
+                 start: int = 0):
         if sample_count <= 0:
             raise ValueError(f"sample_count must be positive, got {sample_count}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
         self.sample_count = int(sample_count)
+        self.layout = layout
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
         # First GLOBAL position of the stream; iteration restarts here (the loader moves
         # it forward as batches are consumed).
         self.start = int(start)
@@ -57,23 +93,8 @@ class InfiniteSampler(Sampler):
         epoch, offset = divmod(int(position), self.sample_count)
         return int(self.epoch_order(epoch)[offset])
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        position = self.start + self.rank
+    def __iter__(self) -> Iterator[List[SampleKey]]:
+        batch_start = self.start
         while True:
-            epoch, offset = divmod(position, self.sample_count)
-            # Vectorised slice of this rank's share of the rest of the epoch.
-            indices = self.epoch_order(epoch)[offset :: self.world_size].tolist()
-            for j, index in enumerate(indices):
-                yield index, position + j * self.world_size
-            position += len(indices) * self.world_size
-
-    def state_dict(self) -> Dict[str, Any]:
-        # The world size is deliberately absent: positions are global, so a run may
-        # resume on a different number of ranks.
-        return {"sample_count": self.sample_count, "shuffle": self.shuffle, "seed": self.seed, "start": self.start}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key in ("sample_count", "shuffle", "seed"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}")
-        self.start = int(state["start"])
+            yield [SampleKey(self.index_at(p), p, batch_start) for p in self.layout.positions(batch_start)]
+            batch_start += self.layout.global_batch_size

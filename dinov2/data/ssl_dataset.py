@@ -1,6 +1,6 @@
 """Dataset wrapper whose crops are a pure function of (seed, global position).
 
-``InfiniteSampler`` hands out ``(index, position)`` keys; here the image at
+``InfiniteSampler`` hands out ``SampleKey(index, position, batch_start)``s; here the image at
 ``index`` is read (skipping unreadable files, see unreadable.py) and transformed
 with randomness seeded from (seed, position). A resumed run therefore rebuilds
 exactly the same crops without restoring any worker RNG state.
@@ -9,13 +9,20 @@ exactly the same crops without restoring any worker RNG state.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Tuple, Union
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from .samplers import SampleKey
 from .seeding import STREAM_AUGMENT, derive_seed
 from .unreadable import SkipUnreadable
+
+
+class Sample(NamedTuple):
+    crops: Any  # the transform's output (a dict with "global_crops" and "local_crops" lists)
+    key: SampleKey
+    n_skipped: int  # unreadable files passed over to produce this sample
 
 
 def _accepts_generator(transform: Callable) -> bool:
@@ -26,11 +33,8 @@ def _accepts_generator(transform: Callable) -> bool:
 
 
 class SSLDataset(Dataset):
-    """``dataset[(index, position)] -> (crops_dict, target)``.
-
-    ``crops_dict`` is the transform's output plus two bookkeeping entries the loader
-    uses: ``position`` (the global stream position) and ``n_skipped`` (unreadable
-    files passed over to produce this sample).
+    """``dataset[SampleKey(index, position, batch_start)] -> Sample(crops, key, n_skipped)``; the image's
+    label is not used by self-supervised training and is dropped.
 
     Transforms with a ``generator`` keyword (``DataAugmentationDINO``) get a private
     ``torch.Generator`` and the global RNG is never touched. Any other transform runs
@@ -58,11 +62,10 @@ class SSLDataset(Dataset):
             torch.manual_seed(seed)
             return self.transform(image)
 
-    def __getitem__(self, key: Union[int, Tuple[int, int]]):
-        index, position = key if isinstance(key, (tuple, list)) else (key, key)
-        (image, target), _, n_skipped = self.dataset.load(int(index))
-        crops = self._transform(image, int(position))
+    def __getitem__(self, key: Sequence[int]) -> Sample:
+        key = SampleKey(*(int(k) for k in key))
+        (image, _), _, n_skipped = self.dataset.load(key.index)
+        crops = self._transform(image, key.position)
         if not isinstance(crops, dict):
             raise TypeError(f"the SSL transform must return a dict of crops, got {type(crops).__name__}")
-        crops = dict(crops, position=int(position), n_skipped=int(n_skipped))
-        return crops, target
+        return Sample(crops, key, int(n_skipped))

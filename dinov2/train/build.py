@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ def build_transform(cfg) -> DataAugmentationDINO:
         flip_p=crops.flip_p, color_jitter=tuple(crops.color_jitter), color_jitter_p=crops.color_jitter_p,
         grayscale_p=crops.grayscale_p, blur_p=tuple(crops.blur_p), solarize_p=crops.solarize_p,
         mean=tuple(crops.mean), std=tuple(crops.std), num_channels=cfg.student.in_chans,
+        normalize=False,  # crops travel as uint8; SSLMetaArch normalises them on the device
+        pipeline=str(crops.pipeline),
     )
 
 
@@ -54,25 +57,28 @@ def build_mask_generator(cfg) -> tuple[MaskingGenerator, int]:
     return MaskingGenerator(input_size=(side, side), max_num_patches=0.5 * n_tokens), n_tokens
 
 
+def default_num_workers(cpu_cores: int, ranks_on_machine: int) -> int:
+    """Data workers per rank for ``data.num_workers=-1``: the cores of this machine (or of this process's CPU
+    affinity) shared by its ranks, less one for the training process itself, at least one."""
+    return max(1, cpu_cores // max(1, ranks_on_machine) - 1)
+
+
+def resolve_num_workers(num_workers: int) -> int:
+    if num_workers >= 0:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return default_num_workers(cores, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def build_train_loader(cfg, dataset: Dataset, *, start: int, rank: int = 0, world_size: int = 1):
     mask_generator, n_tokens = build_mask_generator(cfg)
     return make_ssl_data_loader(
         dataset, build_transform(cfg),
-        batch_size_per_rank=cfg.train.batch_size_per_gpu, num_workers=cfg.data.num_workers,
+        batch_size_per_rank=cfg.train.batch_size_per_gpu, num_workers=resolve_num_workers(cfg.data.num_workers),
         seed=cfg.train.seed, rank=rank, world_size=world_size, start=start,
         mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max), mask_probability=cfg.ibot.mask_sample_probability,
-        n_tokens=n_tokens, mask_generator=mask_generator,
+        n_tokens=n_tokens, mask_generator=mask_generator, prefetch_factor=cfg.data.prefetch_factor,
     )
-
-
-BATCH_TENSORS = (
-    "collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list", "masks_weight",
-    "n_masked_patches",
-)
-
-
-def batch_to_device(batch: dict, device: torch.device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_TENSORS}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -9,12 +9,14 @@ clipping and the optimizer belong to the trainer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov2.hub.weights import load_exact, load_state_dict_from, resolve_weights, Weights
+from dinov2.data import SSLBatch, normalize_crops
+from dinov2.hub.weights import load_exact, load_state_dict_from, resolve_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models.vision_transformer import DinoVisionTransformer, build_vit
@@ -60,10 +62,12 @@ class SSLMetaArch(nn.Module):
         self.ibot_separate_head = cfg.ibot.separate_head
         self.centering = cfg.train.centering
         self.n_local_crops = cfg.crops.local_crops_number
+        self.crop_mean, self.crop_std = tuple(cfg.crops.mean), tuple(cfg.crops.std)
 
         backbone = build_backbone(cfg.student, cfg.crops.global_crops_size, with_drop_path=True)
         if cfg.student.pretrained_weights:
-            location = resolve_weights(cfg.student.pretrained_weights, Weights, cfg.student.pretrained_weights)
+            location = resolve_backbone_weights(cfg.student.pretrained_weights, cfg.student.arch,  # LVD142M: released
+                                                cfg.student.patch_size, cfg.student.num_register_tokens)
             load_exact(backbone, load_state_dict_from(location), location)
         student = {"backbone": backbone, "dino_head": _head(backbone.embed_dim, cfg.dino)}
         if self.do_ibot and self.ibot_separate_head:
@@ -96,18 +100,27 @@ class SSLMetaArch(nn.Module):
     def _ibot_head(self, model: nn.ModuleDict) -> nn.Module:
         return model["ibot_head"] if self.ibot_separate_head else model["dino_head"]
 
-    @torch.no_grad()
-    def teacher_targets(self, batch: dict, teacher_temp: float) -> tuple[Tensor, Tensor | None, dict]:
+    def normalized(self, batch: SSLBatch) -> SSLBatch:
+        """``batch`` with its crops as the backbone takes them: float32, normalised with crops.mean / crops.std
+        on the batch's device (the loader ships them as uint8)."""
+        return dataclasses.replace(batch, global_crops=normalize_crops(batch.global_crops, self.crop_mean, self.crop_std),
+                                   local_crops=normalize_crops(batch.local_crops, self.crop_mean, self.crop_std))
+
+    def teacher_targets(self, batch: SSLBatch, teacher_temp: float) -> tuple[Tensor, Tensor | None, dict]:
         """Centred, sharpened teacher distributions: ``[2, B, K]`` for the class tokens (crop order
         swapped, so each student global crop is matched with the OTHER teacher crop) and
         ``[n_masked, K]`` for the masked patches."""
-        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        return self._teacher_targets(self.normalized(batch), teacher_temp)
+
+    @torch.no_grad()
+    def _teacher_targets(self, batch: SSLBatch, teacher_temp: float) -> tuple[Tensor, Tensor | None, dict]:
+        out = self.teacher.backbone(batch.global_crops, is_training=True)
         cls_first, cls_second = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls_tokens = torch.cat((cls_second, cls_first))
         cls_logits = self.teacher.dino_head(cls_tokens)
         patch_logits = None
         if self.do_ibot:
-            masked_tokens = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
+            masked_tokens = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)
             patch_logits = self._ibot_head(self.teacher)(masked_tokens)
 
         if self.centering == "centering":
@@ -124,7 +137,7 @@ class SSLMetaArch(nn.Module):
             patch_targets = None
             if patch_logits is not None:
                 patch_targets = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    patch_logits, teacher_temp=teacher_temp, n_masked_patches_tensor=batch["n_masked_patches"]
+                    patch_logits, teacher_temp=teacher_temp, n_masked_patches_tensor=batch.n_masked_patches
                 )
         cls_targets = cls_targets.view(N_GLOBAL_CROPS, -1, cls_targets.shape[-1])
         monitors = {
@@ -136,25 +149,31 @@ class SSLMetaArch(nn.Module):
         return cls_targets, patch_targets, monitors
 
     # ------------------------------------------------------------------ student + losses
-    def forward(self, batch: dict, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, batch: SSLBatch, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (to backpropagate) and a dict of detached loss terms and collapse monitors."""
-        cls_targets, patch_targets, monitors = self.teacher_targets(batch, teacher_temp)
-        global_out, local_out = self.student.backbone(
-            [batch["collated_global_crops"], batch["collated_local_crops"]],
-            masks=[batch["collated_masks"], None], is_training=True,
-        )
+        batch = self.normalized(batch)
+        cls_targets, patch_targets, monitors = self._teacher_targets(batch, teacher_temp)
+        crops, crop_masks = [batch.global_crops], [batch.masks]
+        if self.n_local_crops > 0:  # crops.local_crops_number=0 trains on the global crops only
+            crops.append(batch.local_crops)
+            crop_masks.append(None)
+        outs = self.student.backbone(crops, masks=crop_masks, is_training=True)
+        global_out = outs[0]
         global_cls = global_out["x_norm_clstoken"]
-        head_inputs = [local_out["x_norm_clstoken"], global_cls]
+        head_inputs = {"global": global_cls}
+        if self.n_local_crops > 0:
+            head_inputs = {"local": outs[1]["x_norm_clstoken"], **head_inputs}
         masked_patches = None
         if self.do_ibot:
-            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices_list"])
+            masked_patches = global_out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch.mask_indices)
             if not self.ibot_separate_head:
-                head_inputs.append(masked_patches)
+                head_inputs["patch"] = masked_patches
         # One head call on all tokens that share the DINO head.
-        head_out = self.student.dino_head(torch.cat(head_inputs)).split([t.shape[0] for t in head_inputs])
-        local_logits, global_logits = head_out[0], head_out[1]
+        head_out = dict(zip(head_inputs, self.student.dino_head(torch.cat(list(head_inputs.values()))).split(
+            [t.shape[0] for t in head_inputs.values()])))
+        local_logits, global_logits = head_out.get("local"), head_out["global"]
         if self.do_ibot:
-            patch_logits = head_out[2] if not self.ibot_separate_head else self.student.ibot_head(masked_patches)
+            patch_logits = head_out["patch"] if not self.ibot_separate_head else self.student.ibot_head(masked_patches)
 
         n_loss_terms = (N_GLOBAL_CROPS - 1) * N_GLOBAL_CROPS + self.n_local_crops * N_GLOBAL_CROPS
         terms: dict[str, Tensor] = {}
@@ -174,8 +193,8 @@ class SSLMetaArch(nn.Module):
             total = total + koleo
         if self.do_ibot:
             ibot = self.ibot_patch_loss.forward_masked(
-                patch_logits, patch_targets, student_masks_flat=batch["collated_masks"],
-                n_masked_patches=patch_logits.shape[0], masks_weight=batch["masks_weight"],
+                patch_logits, patch_targets, student_masks_flat=batch.masks,
+                n_masked_patches=patch_logits.shape[0], masks_weight=batch.masks_weight,
             )
             terms["ibot_loss"] = ibot / N_GLOBAL_CROPS
             total = total + self.cfg.ibot.loss_weight * ibot
@@ -190,12 +209,25 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ EMA
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, on local shards (no gather)."""
-        teacher_params, student_params = [], []
-        for name in self.teacher.keys():
-            for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters()):
-                teacher_params.append(t.to_local() if hasattr(t, "to_local") else t)
-                student_params.append(s.to_local() if hasattr(s, "to_local") else s)
-        torch._foreach_mul_(teacher_params, momentum)
-        torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+    def update_teacher(self, momentum: float | Tensor) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, on local shards (no gather).
+
+        ``momentum`` may be a 0-dim tensor on the device: the trainer passes 1 for a skipped step
+        without a host sync. Parameter lists are built once (FSDP2 keeps its local shards)."""
+        if getattr(self, "_ema_pairs", None) is None:
+            teacher_params, student_params = [], []
+            for name in self.teacher.keys():
+                for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters()):
+                    teacher_params.append(t.to_local() if hasattr(t, "to_local") else t)
+                    student_params.append(s.to_local() if hasattr(s, "to_local") else s)
+            self._ema_pairs = (teacher_params, student_params)
+        teacher_params, student_params = self._ema_pairs
+        weight = 1.0 - momentum
+        if isinstance(weight, Tensor):
+            torch._foreach_lerp_(teacher_params, student_params, [weight] * len(teacher_params))
+        else:
+            torch._foreach_lerp_(teacher_params, student_params, weight)
+
+    def loss_centers(self) -> list[Tensor]:
+        """The loss buffers the forward pass updates (DINO and iBOT centers)."""
+        return [self.dino_loss.center, self.ibot_patch_loss.center]
