@@ -21,7 +21,7 @@ def _samples(positions=range(4), batch_start=0, n_global=2, n_local=3, dtype=tor
             "global_crops": [torch.full((3, 8, 8), 30 * (p - batch_start) + c, dtype=dtype) for c in range(n_global)],
             "local_crops": [torch.full((3, 4, 4), 30 * (p - batch_start) + 10 + c, dtype=dtype) for c in range(n_local)],
         }
-        out.append(Sample(crops, SampleKey(p % 7, p, batch_start), n_skipped=p % 2))
+        out.append(Sample(crops, SampleKey(p % 7, p, batch_start), skipped=(100 + p,) if p % 2 else ()))
     return out
 
 
@@ -32,14 +32,14 @@ def _collate(batch_start=0, batch=4, mask_probability=0.5, ratio=(0.1, 0.5), see
 
 
 def test_crops_are_stacked_crop_major_and_keep_their_dtype():
-    out, n_skipped = _collate(dtype=torch.uint8)
+    out, skipped = _collate(dtype=torch.uint8)
     g, l = out.global_crops, out.local_crops
     assert g.shape == (8, 3, 8, 8) and l.shape == (12, 3, 4, 4)
     assert g.dtype == torch.uint8 and l.dtype == torch.uint8
     # All first global crops (samples 0..3), then all second ones.
     assert g[:, 0, 0, 0].tolist() == [0, 30, 60, 90, 1, 31, 61, 91]
     assert l[:, 0, 0, 0].tolist() == [10, 40, 70, 100, 11, 41, 71, 101, 12, 42, 72, 102]
-    assert n_skipped == 2  # positions 1 and 3 each passed over one unreadable file
+    assert skipped == (101, 103)  # positions 1 and 3 each passed over one unreadable file
 
 
 def test_without_local_crops_the_local_batch_is_empty():
@@ -133,8 +133,8 @@ def test_batch_moves_and_pins_every_field():
 def test_dataloader_pin_memory_pins_the_batch():
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    pinned, n_skipped = pin_memory(_collate(dtype=torch.uint8))
-    assert isinstance(pinned, SSLBatch) and n_skipped == 2
+    pinned, skipped = pin_memory(_collate(dtype=torch.uint8))
+    assert isinstance(pinned, SSLBatch) and skipped == (101, 103)
     assert all(getattr(pinned, f.name).is_pinned() for f in dataclasses.fields(SSLBatch))
     on_device = pinned.to("cuda", non_blocking=True)
     torch.cuda.synchronize()

@@ -89,7 +89,7 @@ def test_batch_contents(array_path):
     assert batch.local_crops.shape == (2 * BATCH, 3, LOCAL, LOCAL)
     assert batch.masks.shape == (2 * BATCH, N_TOKENS)
     assert int((batch.masks.sum(1) > 0).sum()) == BATCH  # half of the global crops
-    assert loader.position == BATCH and loader.skipped_samples == 0
+    assert loader.position == BATCH and not loader.skipped_files
     assert _loader(array_path, num_workers=2).persistent_workers
 
 
@@ -117,8 +117,8 @@ def test_unreadable_samples_are_skipped_and_counted(array_path):
             return super().__getitem__(index)
 
     loader = _loader(array_path, dataset=Flaky(array_path))
-    batches = _batches(loader, 5)  # 20 samples = 2 epochs: item 4 is hit twice
-    assert len(batches) == 5 and loader.skipped_samples == 2
+    batches = _batches(loader, 5)  # 20 samples = 2 epochs: item 4 is hit twice, but is one file
+    assert len(batches) == 5 and loader.skipped_files == {4}
 
 
 def test_creating_and_iterating_does_not_consume_the_global_rng(array_path):

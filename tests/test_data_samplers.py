@@ -115,7 +115,7 @@ def test_ssl_dataset_crops_are_a_function_of_seed_and_position(aug):
     states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     sample = ds[SampleKey(2, 17, 16)]
     a = sample.crops
-    assert sample.key == (2, 17, 16) and sample.n_skipped == 0
+    assert sample.key == (2, 17, 16) and sample.skipped == ()
     assert _same(a, ds[(2, 17, 16)].crops)
     assert _same(a, ds[(2, 17, 0)].crops)  # crops depend on the position, not on the batch
     assert _same(a, SSLDataset(_Images(), aug, seed=0)[(2, 17, 16)].crops)  # a fresh process would agree
@@ -140,6 +140,6 @@ def test_ssl_dataset_with_a_global_rng_transform_is_still_reproducible():
 def test_ssl_dataset_skips_unreadable_and_reports_it(aug):
     ds = SSLDataset(_Images(bad={3, 4}), aug, seed=0)
     sample = ds[(3, 100, 96)]
-    assert sample.n_skipped == 2
+    assert sample.skipped == (3, 4)
     assert _same(sample.crops, SSLDataset(_Images(), aug, seed=0)[(5, 100, 96)].crops)  # image 5 read instead
     assert ds.dataset.num_skipped == 2

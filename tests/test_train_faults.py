@@ -141,7 +141,7 @@ def test_a_torn_metrics_line_is_dropped_and_tensorboard_shows_each_step_once(tmp
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5]
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("total_loss")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Scalars("loss/total_loss")] == [1, 2, 3, 4, 5]  # grouped TensorBoard tags
 
 
 def test_a_rejected_resume_leaves_the_config_as_it_was(tmp_path):
@@ -296,3 +296,21 @@ def test_a_crafted_checkpoint_metadata_stops_the_resume_without_running_code(tmp
     err = capsys.readouterr().err
     assert "step_000000002" in err and "refused" in err
     assert not marker.exists()
+
+
+def test_skipped_files_count_each_file_once_and_survive_a_resume(tmp_path):
+    # Two unreadable files met in both epochs: 2 files, not 4 skip events, and still 2 after a resume.
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(14):
+        Image.fromarray(rng.randint(0, 255, (28, 28), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    for name in ("bad_a.png", "bad_b.png"):
+        (folder / name).write_bytes(b"not an image")
+    overrides = [f"data.dataset=folder:{folder}", "checkpoint.every_n_steps=4"]
+    Trainer(cfg(*overrides, "train.max_steps=4"), tmp_path / "run").fit()
+    Trainer(cfg(*overrides), tmp_path / "run").fit()  # resumes at step 4, ends at 8 (2 passes over 16 files)
+    counts = [m["skipped_files"] for m in read_metrics(tmp_path / "run")]
+    assert counts[-1] == 2 and counts == sorted(counts)

@@ -47,8 +47,8 @@ class SSLBatch:
 
 
 class SSLCollate:
-    """Picklable ``collate_fn``: one rank's ``Sample``s of a global batch -> ``(SSLBatch, n_skipped)``,
-    ``n_skipped`` being the unreadable files passed over to fill the batch."""
+    """Picklable ``collate_fn``: one rank's ``Sample``s of a global batch -> ``(SSLBatch, skipped)``,
+    ``skipped`` being the dataset indices of the unreadable files passed over to fill the batch."""
 
     def __init__(self, seed: int, global_batch_size: int, mask_ratio_tuple: Tuple[float, float] = (0.1, 0.5),
                  mask_probability: float = 0.5, mask_generator: Optional[MaskingGenerator] = None,
@@ -60,7 +60,7 @@ class SSLCollate:
         self.mask_generator = mask_generator
         self.n_tokens = _check_masking(mask_probability, n_tokens, mask_generator)
 
-    def __call__(self, samples: Sequence[Sample]) -> Tuple[SSLBatch, int]:
+    def __call__(self, samples: Sequence[Sample]) -> Tuple[SSLBatch, Tuple[int, ...]]:
         batch_start = samples[0].key.batch_start
         offsets = [s.key.position - batch_start for s in samples]
         if any(s.key.batch_start != batch_start for s in samples) or not all(
@@ -78,7 +78,8 @@ class SSLCollate:
 
         masks = global_batch_masks(slots, n_global * self.global_batch_size, self.mask_ratio_tuple,
                                    self.mask_probability, self.n_tokens, self.mask_generator, rng_for)
-        return _assemble(global_crops, local_crops, masks, self.n_tokens), sum(int(s.n_skipped) for s in samples)
+        skipped = tuple(sorted({index for s in samples for index in s.skipped}))
+        return _assemble(global_crops, local_crops, masks, self.n_tokens), skipped
 
 
 def global_batch_masks(

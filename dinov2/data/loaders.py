@@ -39,14 +39,15 @@ class SSLDataLoader(DataLoader):
 
     ``position`` is what to pass as ``start`` when resuming; it moves forward by one global
     batch each time a batch is handed to the consumer (not when workers prefetch it). A new
-    ``iter()`` continues from that position. ``skipped_samples`` counts the unreadable files
-    passed over in the batches consumed so far.
+    ``iter()`` continues from that position. ``skipped_files`` holds the dataset indices of the
+    unreadable files passed over in the batches consumed so far: each file counts once however often
+    it is met, and the trainer checkpoints the set so that the count survives a resume.
     """
 
     def __init__(self, *args, batch_sampler: InfiniteSampler, **kwargs):
         super().__init__(*args, batch_sampler=batch_sampler, **kwargs)
         self._position = batch_sampler.start
-        self.skipped_samples = 0
+        self.skipped_files: set[int] = set()
 
     @property
     def position(self) -> int:
@@ -54,9 +55,9 @@ class SSLDataLoader(DataLoader):
 
     def __iter__(self) -> Iterator[SSLBatch]:
         self.batch_sampler.start = self._position
-        for batch, n_skipped in super().__iter__():
+        for batch, skipped in super().__iter__():
             self._position += self.batch_sampler.layout.global_batch_size
-            self.skipped_samples += int(n_skipped)
+            self.skipped_files.update(skipped)
             yield batch
 
 

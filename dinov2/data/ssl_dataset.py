@@ -9,7 +9,7 @@ exactly the same crops without restoring any worker RNG state.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
@@ -22,7 +22,7 @@ from .unreadable import SkipUnreadable
 class Sample(NamedTuple):
     crops: Any  # the transform's output (a dict with "global_crops" and "local_crops" lists)
     key: SampleKey
-    n_skipped: int  # unreadable files passed over to produce this sample
+    skipped: Tuple[int, ...]  # dataset indices of the unreadable files passed over to produce this sample
 
 
 def _accepts_generator(transform: Callable) -> bool:
@@ -33,7 +33,7 @@ def _accepts_generator(transform: Callable) -> bool:
 
 
 class SSLDataset(Dataset):
-    """``dataset[SampleKey(index, position, batch_start)] -> Sample(crops, key, n_skipped)``; the image's
+    """``dataset[SampleKey(index, position, batch_start)] -> Sample(crops, key, skipped)``; the image's
     label is not used by self-supervised training and is dropped.
 
     Transforms with a ``generator`` keyword (``DataAugmentationDINO``) get a private
@@ -65,7 +65,8 @@ class SSLDataset(Dataset):
     def __getitem__(self, key: Sequence[int]) -> Sample:
         key = SampleKey(*(int(k) for k in key))
         (image, _), _, n_skipped = self.dataset.load(key.index)
+        skipped = tuple((key.index + step) % len(self.dataset) for step in range(n_skipped))
         crops = self._transform(image, key.position)
         if not isinstance(crops, dict):
             raise TypeError(f"the SSL transform must return a dict of crops, got {type(crops).__name__}")
-        return Sample(crops, key, int(n_skipped))
+        return Sample(crops, key, skipped)

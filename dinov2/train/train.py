@@ -50,6 +50,7 @@ from dinov2.distributed import (
 )
 from dinov2.distributed.parallelize import build_training_model
 from dinov2.logging import MetricsWriter
+from dinov2.logging.console import setup_logging
 from dinov2.train.health import CollapseWatch
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
@@ -165,6 +166,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self._nonfinite_new = torch.zeros((), dtype=torch.int64, device=self.device)  # not yet counted on host
         self.data_position = 0
+        self.skipped_files: set[int] = set()  # dataset indices of unreadable files met so far (all ranks)
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
             process_group=env.process_group,
@@ -179,8 +181,7 @@ class Trainer:
         # Written only once the resume was accepted: a rejected resume leaves the run's config as it was.
         if env.is_main:
             _write_atomically(self.output_dir / "config.yaml", lambda path: save_config(cfg, path))
-        self.metrics = MetricsWriter(self.output_dir, tensorboard=cfg.logging.tensorboard, enabled=env.is_main,
-                                     resume_step=self.step)
+        self.metrics = MetricsWriter.for_run(self.output_dir, cfg, enabled=env.is_main, resume_step=self.step)
 
     def close(self) -> None:
         """Release the run directory (also done at the end of ``fit``)."""
@@ -198,6 +199,7 @@ class Trainer:
             "model": model_state,
             "optimizer": optim_state,
             "progress": {"step": self.step, "data_position": self.data_position, "nonfinite_steps": self.nonfinite_steps,
+                         "skipped_files": sorted(self._all_skipped_files()),
                          "world_size": self.world_size, "global_batch_size": self.global_batch_size},
             # One key per rank: DCP keeps a single copy of a key that every rank saves.
             "rng": {rank_key(self.rank): get_rng_state(self.device)},
@@ -212,11 +214,14 @@ class Trainer:
         own_rng = f"rng.{rank_key(self.rank)}.torch" in saved
         if not own_rng:
             del state["rng"]
+        if "progress.skipped_files" not in saved:  # written before the count was checkpointed
+            del state["progress"]["skipped_files"]
         self.checkpoints.load(state, path)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.step = int(state["progress"]["step"])
         self.data_position = int(state["progress"]["data_position"])
         self.nonfinite_steps = int(state["progress"]["nonfinite_steps"])
+        self.skipped_files = set(state["progress"].get("skipped_files", ()))
         if own_rng:
             set_rng_state(state["rng"][rank_key(self.rank)], self.device)
         else:
@@ -355,6 +360,14 @@ class Trainer:
                 f"compute.precision=bf16/fp32 instead of fp16."
             )
 
+    def _all_skipped_files(self) -> set[int]:
+        """Unreadable files met by any rank (each file once): a CPU all-gather when distributed."""
+        if self._host_group is None:
+            return self.skipped_files
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(self.skipped_files), group=self._host_group)
+        return set().union(*gathered)
+
     def _stop_requested(self, stop: StopOnSignal) -> bool:
         """Whether any rank received a stop signal (a CPU all-reduce when distributed, not a device sync)."""
         if self._host_group is None:
@@ -390,6 +403,7 @@ class Trainer:
             return {"step": self.step}
         loader = build_train_loader(cfg, self.dataset, start=self.data_position, rank=self.rank,
                                     world_size=self.world_size)
+        loader.skipped_files = self.skipped_files  # one set: the loader adds to it, checkpoints save it
         batches = iter(loader)
         progress = None
         if cfg.logging.progress_bar and self.env.is_main:
@@ -411,7 +425,7 @@ class Trainer:
                         else:
                             last = {k: float(v) for k, v in logs.items()}
                         del last["skipped"]
-                        last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=loader.skipped_samples,
+                        last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=len(self._all_skipped_files()),
                                     seconds=time.perf_counter() - started)
                         self.metrics.write(self.step, last)
                         if self.collapse_watch is not None:
@@ -478,7 +492,7 @@ def run(cfg, output_dir: str | Path, *, resume: bool = True) -> tuple[dict, Dist
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)  # third-party INFO noise (the faiss loader) stays quiet
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config or args.dry_run:
