@@ -53,7 +53,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
     tmp = _temp_path_beside(path, ".tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode of its bytes)
+        # is written as its original bytes, and read_lines gives back the same str.
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -95,7 +97,8 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CurationInputError(f"file not found: {path} (expected a text file, one entry a line)")
-    return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    return [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
 
 
 def load_array(path: str | os.PathLike, what: str = "array") -> np.ndarray:

@@ -1,5 +1,8 @@
 """`dinov2-curate`: build a pretraining set from an uncurated image pool.
 
+    dinov2-curate hash-dedup --images DIR|LIST --output-dir D [--bits 64 --radius 10]
+    dinov2-curate filter    --embeddings E.npy --classifier head.pth --threshold 0.5 --output-dir D
+    dinov2-curate blur-faces --images DIR|LIST|manifest.txt --output-dir D
     dinov2-curate embed     --images DIR|LIST --backbone dinov2_vits14 --output-dir D [--shard i/n]
     dinov2-curate dedup     --embeddings E.npy --k K --threshold T --output-dir D
     dinov2-curate dedup     --embeddings E.npy --against R.npy --threshold T --output-dir D
@@ -66,6 +69,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("hash-dedup", help="raw pool: near-exact copies by PCA hash -> kept_paths.txt, report.csv")
+    p.add_argument("--images", required=True, help="folder of images (recursive) or list file (one path a line)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--bits", type=int, default=64, help="code length (multiple of 8; 64 or 128)")
+    p.add_argument("--radius", type=int, default=10, help="Hamming radius: codes at most this many bits apart are copies")
+    p.add_argument("--thumb-size", type=int, default=16, help="side of the grayscale thumbnail the hash is computed on")
+    p.add_argument("--factory", default="BFlat", help="FAISS binary index: BFlat (exact), BHash4x16 (exact, large pools), BIVF1024")
+    p.add_argument("--search-params", default="", help='e.g. "nprobe=16" for BIVF')
+    p.add_argument("--rule", choices=["representative", "connected"], default="representative",
+                   help="representative (default): a copy is removed only if it is within the radius of the kept image; "
+                   "connected: connected components (chains merge)")
+    p.add_argument("--basis", help="PCA basis .npz of an earlier run (default: fitted on a sample of this pool)")
+    p.add_argument("--fit-sample", type=int, default=100_000, help="images the PCA basis is fitted on")
+    p.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("filter", help="drop rows whose classifier score exceeds a threshold -> keep.npy, scores.npy, report.csv")
+    p.add_argument("--embeddings", required=True, help="embeddings.npy (paths.txt beside it names the rows in the report)")
+    p.add_argument("--classifier", required=True, help="head file: .pt/.pth state dict, .npz or .safetensors (linear or MLP)")
+    p.add_argument("--threshold", type=float, required=True, help="remove rows whose score (a probability) is above it")
+    p.add_argument("--positive-class", type=int, action="append", help="class index that counts as positive (repeatable; "
+                   "default: the only output, or class 1 of two)")
+    p.add_argument("--output-dir", required=True)
+
+    p = sub.add_parser("blur-faces", help="blurred copies of images with faces -> manifest.txt, faces.csv")
+    p.add_argument("--images", required=True, help="folder, list file or manifest (one path a line)")
+    p.add_argument("--output-dir", required=True, help="blurred copies go to OUTPUT_DIR/blurred/ (never in place)")
+    p.add_argument("--cascade", default="haarcascade_frontalface_default.xml", help="OpenCV Haar cascade name or XML path")
+    p.add_argument("--scale-factor", type=float, default=1.1)
+    p.add_argument("--min-neighbors", type=int, default=5)
+    p.add_argument("--min-size", type=int, default=24, help="smallest face side in pixels")
+    p.add_argument("--margin", type=float, default=0.1, help="box enlarged by this fraction on each side")
+    p.add_argument("--strength", type=float, default=0.25, help="blur sigma as a fraction of the box side")
+    p.add_argument("--part-size", type=int, default=256)
+
     p = sub.add_parser("embed", help="embed images with a backbone -> embeddings.npy, paths.txt, errors.txt")
     p.add_argument("--images", required=True, help="folder of images (recursive) or list file (one path a line)")
     p.add_argument("--backbone", default="dinov2_vits14", help="hub backbone name (default dinov2_vits14)")
@@ -85,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, required=True, help="cosine similarity in [-1, 1]")
     p.add_argument("--k", type=int, help="self-dedup: neighbours per row in the similarity graph")
     p.add_argument("--against", action="append", help="relative dedup: reference embeddings .npy (repeatable)")
+    p.add_argument("--rule", choices=["representative", "connected"], default="representative",
+                   help="self-dedup groups: representative (default, no chaining) or connected components")
     p.add_argument("--output-dir", required=True)
     _add_index_options(p)
 
@@ -111,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=["auto", "kmeans++", "random"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--distributed", action="store_true", help="torch.distributed implementation: start one process per "
+                   "GPU/CPU shard with torchrun or srun (gloo on CPU, NCCL on GPUs); same clusters for any process count")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="--distributed: distance precision")
 
     p = sub.add_parser("sample", help="balanced hierarchical sampling -> selected.npy")
     p.add_argument("--clusters-dir", required=True, help="output folder of `kmeans`")
@@ -134,7 +177,28 @@ def _dispatch(args) -> str:
     from . import stages  # imported here so that --help answers at once
 
     progress = not args.quiet
-    if args.command == "embed":
+    if args.command == "hash-dedup":
+        from .hash_dedup import hash_dedup_stage
+
+        result = hash_dedup_stage(
+            args.images, args.output_dir, bits=args.bits, radius=args.radius, thumb_size=args.thumb_size,
+            factory=args.factory, search_params=args.search_params, rule=args.rule, basis=args.basis,
+            fit_sample=args.fit_sample, part_size=args.part_size, seed=args.seed, progress=progress,
+        )
+    elif args.command == "filter":
+        from .filter_stage import filter_stage
+
+        result = filter_stage(args.embeddings, args.classifier, args.output_dir, threshold=args.threshold,
+                              positive=args.positive_class, progress=progress)
+    elif args.command == "blur-faces":
+        from .blur_faces import blur_faces_stage
+
+        result = blur_faces_stage(
+            args.images, args.output_dir, cascade=args.cascade, scale_factor=args.scale_factor,
+            min_neighbors=args.min_neighbors, min_size=args.min_size, margin=args.margin, strength=args.strength,
+            part_size=args.part_size, progress=progress,
+        )
+    elif args.command == "embed":
         result = stages.embed_stage(
             args.images, args.output_dir, backbone=args.backbone, weights=args.weights, shard=args.shard,
             image_size=args.image_size, resize_size=args.resize_size, batch_size=args.batch_size,
@@ -147,7 +211,7 @@ def _dispatch(args) -> str:
         if args.k is not None:
             result = stages.self_dedup_stage(
                 args.embeddings, args.output_dir, k=args.k, threshold=args.threshold, index=_index_options(args),
-                progress=progress,
+                progress=progress, rule=args.rule,
             )
         else:
             result = stages.relative_dedup_stage(
@@ -158,6 +222,16 @@ def _dispatch(args) -> str:
         result = stages.retrieve_stage(
             args.embeddings, args.queries, args.output_dir, k=args.k, clusters=args.clusters,
             per_cluster=args.per_cluster, niter=args.niter, index=_index_options(args), progress=progress,
+        )
+    elif args.command == "kmeans" and args.distributed:
+        from .distributed_stages import distributed_kmeans_stage
+
+        if args.levels is not None and args.levels != len(args.clusters):
+            raise CurationInputError(f"--levels {args.levels} but --clusters lists {len(args.clusters)} counts")
+        result = distributed_kmeans_stage(
+            args.embeddings, args.output_dir, clusters=args.clusters, rows_path=args.rows, niter=args.niter,
+            resampling_steps=args.resampling_steps, sample_size=args.sample_size, strategy=args.strategy,
+            seed=args.seed, dtype=args.dtype, device={"gpu": "cuda"}.get(args.device, args.device),
         )
     elif args.command == "kmeans":
         result = stages.kmeans_stage(

@@ -20,6 +20,38 @@ from .index import IndexOptions
 
 
 @dataclass
+class HashDedupConfig:
+    enabled: bool = False  # raw pool, before embedding: near-exact copies by PCA hash
+    bits: int = 64
+    radius: int = 10
+    thumb_size: int = 16
+    factory: str = "BFlat"  # BFlat (exact) | BHash4x16 (exact, large pools) | BIVF1024 (approximate)
+    search_params: str = ""
+    rule: str = "representative"  # representative | connected
+    basis: Optional[str] = None
+    fit_sample: int = 100_000
+
+
+@dataclass
+class FilterConfig:
+    enabled: bool = False  # classifier over embeddings (e.g. NSFW): drop rows scoring above threshold
+    classifier: Optional[str] = None
+    threshold: float = 0.5
+    positive: List[int] = field(default_factory=list)
+
+
+@dataclass
+class BlurFacesConfig:
+    enabled: bool = False  # blurred copies of the selected images that show faces; the manifest points to them
+    cascade: str = "haarcascade_frontalface_default.xml"
+    scale_factor: float = 1.1
+    min_neighbors: int = 5
+    min_size: int = 24
+    margin: float = 0.1
+    strength: float = 0.25
+
+
+@dataclass
 class EmbedConfig:
     images: Optional[str] = None  # folder or list file; None when `embeddings` is given
     embeddings: Optional[str] = None  # existing embeddings.npy (+ paths.txt beside it) instead of embedding
@@ -39,6 +71,7 @@ class SelfDedupConfig:
     enabled: bool = True
     k: int = 16
     threshold: float = 0.9
+    rule: str = "representative"  # representative (no chaining) | connected (components, as in the paper)
 
 
 @dataclass
@@ -81,13 +114,16 @@ class CurationConfig:
     output_dir: str = "outputs/curation"
     manifest: str = "manifest.txt"  # relative to output_dir unless absolute
     progress: bool = True
+    hash_dedup: HashDedupConfig = field(default_factory=HashDedupConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     index: IndexOptions = field(default_factory=IndexOptions)
     self_dedup: SelfDedupConfig = field(default_factory=SelfDedupConfig)
     relative_dedup: RelativeDedupConfig = field(default_factory=RelativeDedupConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    blur_faces: BlurFacesConfig = field(default_factory=BlurFacesConfig)
 
 
 def valid_keys(schema=CurationConfig, prefix: str = "") -> list[str]:

@@ -1,9 +1,13 @@
 """Near-duplicate removal (DINOv2 paper, section 3 / appendix A).
 
-Self-dedup: a k-NN graph over the pool, keep the edges with cosine >= threshold, take the
-connected components of that graph (scipy.sparse.csgraph), keep one row per component
-(the lowest index). Chains are followed: a~b and b~c put a, b, c in one component even when
-a and c are below the threshold, as in the paper's copy-detection pipeline.
+Self-dedup: a k-NN graph over the pool, keep the edges with cosine >= threshold, then group
+the rows (groups.py) by one of two rules:
+- ``representative`` (default): rows visited lowest first; each unassigned row keeps itself
+  and removes its unassigned neighbours at cosine >= threshold. Every removed row is similar to
+  the row kept in its place; no chaining.
+- ``connected``: connected components of the graph (scipy.sparse.csgraph), one row (the lowest)
+  kept per component, as in the paper's copy-detection pipeline: a~b and b~c put a, b, c in
+  one component even when a and c are below the threshold.
 
 Relative dedup: drop every pool row whose nearest reference (evaluation set) row has cosine
 >= threshold, so that no test image leaks into the pretraining set.
@@ -18,6 +22,7 @@ import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
 from .arrays import validate_embeddings, validate_k, validate_same_dim, validate_threshold
+from .groups import Groups, group_rows, pair_graph, validate_rule
 from .index import IndexOptions, is_exact, measure_recall, search
 
 
@@ -43,18 +48,13 @@ def components_of(graph: scipy.sparse.spmatrix) -> np.ndarray:
     return rank[inverse].astype(np.int64)
 
 
-def keep_lowest_per_component(components: np.ndarray) -> np.ndarray:
-    """Sorted unique row indices: the lowest row of each component."""
-    _, first_rows = np.unique(components, return_index=True)
-    return np.sort(first_rows).astype(np.int64)
-
-
 @dataclass
 class SelfDedupResult:
-    components: np.ndarray  # [n] component id per row
+    components: np.ndarray  # [n] component (group) id per row
     keep: np.ndarray  # sorted row indices, one per component
     num_edges: int
     recall: dict | None  # recall vs exact search (approximate indexes only)
+    groups: Groups | None = None  # representative and cosine to it per row (groups.py)
 
 
 def self_dedup(
@@ -65,8 +65,10 @@ def self_dedup(
     index: IndexOptions = IndexOptions(),
     work_dir=None,
     progress: bool = True,
+    rule: str = "representative",
 ) -> SelfDedupResult:
     validate_embeddings(embeddings, "embeddings", index.chunk_rows)
+    validate_rule(rule)
     threshold = validate_threshold(threshold)
     k = validate_k(k, embeddings.shape[0], excluding_self=True)
     cache = None if work_dir is None else f"{work_dir}/index.faiss"
@@ -77,14 +79,17 @@ def self_dedup(
         work_dir=None if work_dir is None else f"{work_dir}/knn",
     )
     graph = similarity_graph(ids, similarities, threshold, embeddings.shape[0])
-    components = components_of(graph)
+    rows = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1])
+    linked = (ids.reshape(-1) >= 0) & (similarities.reshape(-1) >= threshold)
+    groups = group_rows(pair_graph(rows[linked], ids.reshape(-1)[linked], similarities.reshape(-1)[linked],
+                                   embeddings.shape[0]), np.arange(embeddings.shape[0]), rule)
     recall = None
     if not is_exact(faiss_index) and index.recall_sample > 0:
         recall = measure_recall(
             faiss_index, embeddings, k, sample_size=index.recall_sample, threshold=threshold, exclude_self=True,
             seed=index.seed, chunk_rows=index.chunk_rows,
         )
-    return SelfDedupResult(components, keep_lowest_per_component(components), int(graph.nnz), recall)
+    return SelfDedupResult(groups.group, groups.keep, int(graph.nnz), recall, groups)
 
 
 @dataclass

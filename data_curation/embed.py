@@ -1,9 +1,13 @@
 """Embed an image pool with a backbone: L2-normalised class-token features.
 
 Images come from a folder (searched recursively) or a list file (one path a line; relative
-paths are relative to the list file). Each image is opened with PIL, resized and
-center-cropped (224 by default) and normalised with the ImageNet statistics. An image
-that cannot be decoded is reported (path and error) instead of stopping the run.
+paths are relative to the list file). Folders are listed and images decoded by the
+project's one rule (``dinov2.data.images``: cycle-safe walk, regular files only, each real
+file once; 16-bit images scaled to 8 bits), then resized and center-cropped (224 by
+default) and normalised with the ImageNet statistics. An image that cannot be decoded is
+skipped, logged and listed in errors.txt (path and error) instead of stopping the run.
+A path that is not valid UTF-8 is carried as ``os.fsdecode`` gives it and written with
+``surrogateescape``, so it reads back as the same file.
 
 The pool is split in parts of ``part_size`` images; every finished part is saved, so a
 killed run continues at the first missing part, then the parts are concatenated.
@@ -18,15 +22,16 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from dinov2.data.images import list_image_files, load_image
+from dinov2.data.unreadable import warn_unreadable
+
 from .arrays import CurationInputError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDING_DTYPES = ("float32", "float16")
@@ -36,11 +41,10 @@ def list_images(source: str | os.PathLike) -> list[str]:
     """Absolute image paths from a folder (recursive, sorted) or a list file."""
     source = Path(source)
     if source.is_dir():
-        found = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        paths = sorted(str(p.resolve()) for p in found)
+        paths = sorted(os.path.realpath(p) for p in list_image_files(source))
     elif source.is_file():
         paths = []
-        for line in source.read_text(encoding="utf-8").splitlines():
+        for line in source.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -50,7 +54,7 @@ def list_images(source: str | os.PathLike) -> list[str]:
         raise CurationInputError(f"--images {source} does not exist (expected a folder of images or a list file)")
     if not paths:
         raise CurationInputError(
-            f"no images found in {source} (expected files ending in {', '.join(IMAGE_EXTENSIONS)}, "
+            f"no images found in {source} (expected image files PIL can decode, e.g. .jpg, .png, .tif, "
             "or a list file with one path a line)"
         )
     return paths
@@ -105,8 +109,7 @@ class ImagePathDataset(Dataset):
 
     def __getitem__(self, position: int):
         try:
-            with Image.open(self.paths[position]) as image:
-                tensor = self.transform(image.convert("RGB"))
+            tensor = self.transform(load_image(self.paths[position], "RGB"))
             return position, tensor, ""
         except Exception as exc:  # any decoding failure is data, not a crash
             blank = torch.zeros(3, self.image_size, self.image_size)
@@ -177,6 +180,7 @@ def embed_paths(
         ok = torch.tensor([not m for m in messages], dtype=torch.bool)
         for position, message in zip(positions.tolist(), messages):
             if message:
+                warn_unreadable(dataset.paths[position], message)
                 errors.append((dataset.paths[position], message))
         if not ok.any():
             continue

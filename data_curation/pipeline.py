@@ -1,6 +1,10 @@
 """`dinov2-curate run`: the whole chain from one config.
 
-    embed -> self-dedup -> relative dedup -> retrieval -> hierarchical k-means -> sample -> manifest
+    [hash-dedup] -> embed -> [filter] -> self-dedup -> relative dedup -> retrieval
+        -> hierarchical k-means -> sample -> manifest -> [blur-faces]
+
+hash-dedup runs on the raw images and hands its kept_paths.txt to embed; blur-faces runs on
+the selected images only and the manifest then points to the blurred copies.
 
 Each enabled filter narrows the set of pool rows (intersection, in the row numbering of
 embeddings.npy); k-means and sampling then run on the surviving rows only. Every stage
@@ -18,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from . import stages
-from .arrays import CurationInputError, save_npy_atomic
+from .arrays import CurationInputError, read_lines, save_npy_atomic, write_lines_atomic
 from .index import IndexOptions
 from .stage_state import StageResult
 
@@ -45,6 +49,9 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
         report(result.describe())
         return result
 
+    if cfg.hash_dedup.enabled and (cfg.embed.embeddings or not cfg.embed.images):
+        raise CurationInputError("hash_dedup.enabled needs embed.images (it runs on the raw images, before embedding), "
+                                 "not embed.embeddings")
     # 1. embeddings (+ the paths they belong to)
     if cfg.embed.embeddings:
         embeddings = Path(cfg.embed.embeddings)
@@ -53,8 +60,18 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
             raise CurationInputError(f"embed.embeddings={embeddings} needs a paths.txt beside it for the manifest")
     elif cfg.embed.images:
         e = cfg.embed
+        images = e.images
+        if cfg.hash_dedup.enabled:
+            from .hash_dedup import hash_dedup_stage
+
+            h = cfg.hash_dedup
+            record("hash-dedup", hash_dedup_stage(
+                e.images, out / "hash_dedup", bits=h.bits, radius=h.radius, thumb_size=h.thumb_size, factory=h.factory,
+                search_params=h.search_params, rule=h.rule, basis=h.basis, fit_sample=h.fit_sample, progress=cfg.progress,
+            ))
+            images = out / "hash_dedup" / "kept_paths.txt"
         record("embed", stages.embed_stage(
-            e.images, out / "embed", backbone=e.backbone, weights=e.weights, image_size=e.image_size,
+            images, out / "embed", backbone=e.backbone, weights=e.weights, image_size=e.image_size,
             resize_size=e.resize_size, batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
             dtype=e.dtype, part_size=e.part_size, progress=cfg.progress,
         ))
@@ -65,10 +82,18 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
     rows = np.arange(num_rows, dtype=np.int64)
 
     # 2. filters, each in the original row numbering
+    if cfg.filter.enabled:
+        from .filter_stage import filter_stage
+
+        if not cfg.filter.classifier:
+            raise CurationInputError("filter.enabled needs filter.classifier (a head file over the embeddings)")
+        record("filter", filter_stage(embeddings, cfg.filter.classifier, out / "filter", threshold=cfg.filter.threshold,
+                                      positive=list(cfg.filter.positive), progress=cfg.progress))
+        rows = np.intersect1d(rows, np.load(out / "filter" / "keep.npy"))
     if cfg.self_dedup.enabled:
         record("dedup", stages.self_dedup_stage(
             embeddings, out / "dedup", k=min(cfg.self_dedup.k, num_rows - 1), threshold=cfg.self_dedup.threshold,
-            index=index, progress=cfg.progress,
+            index=index, progress=cfg.progress, rule=cfg.self_dedup.rule,
         ))
         rows = np.intersect1d(rows, np.load(out / "dedup" / "keep.npy"))
     if cfg.relative_dedup.enabled:
@@ -104,8 +129,22 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
         record("sample", stages.sample_stage(out / "kmeans", out / "sample", target=s.target, strategy=s.strategy, seed=s.seed))
         final = out / "sample" / "selected.npy"
 
-    # 4. manifest
+    # 4. manifest (of the blurred copies when blur_faces is enabled)
     manifest = Path(cfg.manifest)
     manifest = manifest if manifest.is_absolute() else out / manifest
-    record("manifest", stages.manifest_stage(paths, [final], manifest))
+    if not cfg.blur_faces.enabled:
+        record("manifest", stages.manifest_stage(paths, [final], manifest))
+    else:
+        from .blur_faces import blur_faces_stage
+
+        selected = out / "selected_paths.txt"
+        record("manifest", stages.manifest_stage(paths, [final], selected))
+        b = cfg.blur_faces
+        record("blur-faces", blur_faces_stage(
+            selected, out / "blur_faces", cascade=b.cascade, scale_factor=b.scale_factor, min_neighbors=b.min_neighbors,
+            min_size=b.min_size, margin=b.margin, strength=b.strength, progress=cfg.progress,
+        ))
+        blurred = read_lines(out / "blur_faces" / "manifest.txt")
+        if not manifest.is_file() or read_lines(manifest) != blurred:
+            write_lines_atomic(manifest, blurred)
     return {"manifest": str(manifest), "stages": {name: r.summary for name, r in results.items()}}

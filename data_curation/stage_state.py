@@ -53,7 +53,11 @@ class StageResult:
         if self.skipped:
             return f"{self.stage}: up to date, nothing to do (outputs in {self.output_dir})"
         details = ", ".join(f"{k}={v}" for k, v in self.summary.items() if not isinstance(v, (dict, list)))
-        return f"{self.stage}: done ({details}) -> {self.output_dir}"
+        message = f"{self.stage}: done ({details}) -> {self.output_dir}"
+        if "rows_in" in self.summary and "rows_out" in self.summary:
+            removed = ", ".join(f"{k[len('removed_'):]} {v}" for k, v in self.summary.items() if k.startswith("removed_"))
+            message += f"\n{self.stage}: rows in {self.summary['rows_in']}; removed: {removed or 'none'}; rows out {self.summary['rows_out']}"
+        return message
 
 
 class StageState:
@@ -112,3 +116,25 @@ class StageState:
         if work_root.is_dir() and not any(work_root.iterdir()):
             work_root.rmdir()
         return StageResult(self.stage, self.output_dir, skipped=False, summary=summary)
+
+
+def map_parts(items: list, part_size: int, work_dir: Path, fn, *, progress: bool = True, desc: str = "parts") -> list[dict]:
+    """Apply ``fn(items[part]) -> dict of arrays`` part by part, saving each finished part in
+    ``work_dir`` (``part_NNNNNN.npz``), so that a killed run redoes at most one part. Returns the
+    parts' dicts in order (finished parts are read back, not recomputed)."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    results = []
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, len(items), part_size))
+    for number, start in enumerate(tqdm(starts, desc=desc, unit="part", disable=not progress)):
+        done = Path(work_dir) / f"part_{number:06d}.npz"
+        if not done.is_file():
+            arrays = fn(items[start : start + part_size])
+            tmp = done.with_name(f".{done.name}.tmp.npz")
+            np.savez(tmp, **arrays)
+            tmp.replace(done)
+        with np.load(done, allow_pickle=False) as saved:
+            results.append({key: saved[key] for key in saved.files})
+    return results

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import dedup, kmeans, retrieval, sampling
+from . import dedup, kmeans, report, retrieval, sampling
 from .arrays import (
     DEFAULT_CHUNK_ROWS,
     AtomicNpyWriter,
@@ -34,6 +34,7 @@ from .arrays import (
     write_lines_atomic,
     write_text_atomic,
 )
+from .groups import validate_rule
 from .index import IndexOptions
 from .stage_state import StageResult, StageState
 
@@ -88,7 +89,7 @@ def embed_stage(
     params = dict(
         backbone=backbone if model is None else f"custom:{type(model).__name__}", weights=str(weights),
         backbone_kwargs=backbone_kwargs or {}, image_size=image_size, resize_size=resize_size, dtype=dtype,
-        part_size=part_size, paths_sha256=hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        part_size=part_size, paths_sha256=hashlib.sha256("\n".join(paths).encode(errors="surrogateescape")).hexdigest(),
     )
     state = StageState(target_dir, "embed", params, weights_file, ["embeddings.npy", "paths.txt", "errors.txt"])
     if state.is_complete():
@@ -185,24 +186,40 @@ def _load_pool(path, what="embeddings", chunk_rows=DEFAULT_CHUNK_ROWS) -> np.nda
     return array
 
 
+def _paths_beside(embeddings_path, rows: int) -> list[str] | None:
+    """paths.txt beside an embeddings file (for report.csv and contact sheets), when it matches."""
+    paths_file = Path(embeddings_path).parent / "paths.txt"
+    paths = read_lines(paths_file) if paths_file.is_file() else None
+    return paths if paths is not None and len(paths) == rows else None
+
+
 def self_dedup_stage(
     embeddings_path, output_dir, *, k: int, threshold: float, index: IndexOptions = IndexOptions(),
-    progress: bool = True,
+    progress: bool = True, rule: str = "representative",
 ) -> StageResult:
-    """-> components.npy (component id per row), keep.npy (lowest row per component)."""
+    """-> components.npy (group id per row), keep.npy (lowest row per group), representative.npy,
+    report.csv, contact_sheet.png (when paths.txt lies beside the embeddings); see dedup.py for
+    the grouping ``rule``."""
     pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
     threshold = validate_threshold(threshold)
+    validate_rule(rule)
     validate_k(k, pool.shape[0], excluding_self=True)
     index.validate(pool.shape[1])
-    params = dict(k=k, threshold=threshold, **index.stage_params())
-    state = StageState(output_dir, "dedup", params, [embeddings_path], ["components.npy", "keep.npy"])
+    params = dict(k=k, threshold=threshold, rule=rule, **index.stage_params())
+    state = StageState(output_dir, "dedup", params, [embeddings_path],
+                       ["components.npy", "keep.npy", "representative.npy", "report.csv"])
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
-    result = dedup.self_dedup(pool, k, threshold, index=index, work_dir=work, progress=progress)
+    result = dedup.self_dedup(pool, k, threshold, index=index, work_dir=work, progress=progress, rule=rule)
     save_npy_atomic(Path(output_dir) / "components.npy", result.components)
     save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
-    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "edges": result.num_edges}
+    save_npy_atomic(Path(output_dir) / "representative.npy", result.groups.representative)
+    sheet = report.publish_group_decisions(Path(output_dir), "dedup", _paths_beside(embeddings_path, pool.shape[0]),
+                                           result.groups, "cosine", f"near duplicate (cosine >= {threshold}) of the kept image")
+    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "edges": result.num_edges,
+               **report.summary(pool.shape[0], {"near_duplicate": pool.shape[0] - result.keep.size}, result.keep.size),
+               "contact_sheet": str(sheet) if sheet else "none"}
     if result.recall is not None:
         write_text_atomic(Path(output_dir) / "recall.json", json.dumps(result.recall, indent=2) + "\n")
         summary["pair_recall"] = round(result.recall["pair_recall"], 4)
@@ -223,7 +240,8 @@ def relative_dedup_stage(
     threshold = validate_threshold(threshold)
     index.validate(pool.shape[1])
     params = dict(threshold=threshold, **index.stage_params())
-    state = StageState(output_dir, "dedup-relative", params, [embeddings_path, *against], ["keep.npy", "nearest_similarity.npy"])
+    state = StageState(output_dir, "dedup-relative", params, [embeddings_path, *against],
+                       ["keep.npy", "nearest_similarity.npy", "report.csv"])
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
@@ -231,7 +249,14 @@ def relative_dedup_stage(
     result = dedup.relative_dedup(pool, reference, threshold, index=index, work_dir=work, progress=progress)
     save_npy_atomic(Path(output_dir) / "nearest_similarity.npy", result.nearest_similarity)
     save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
-    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "references": int(reference.shape[0])}
+    paths = _paths_beside(embeddings_path, pool.shape[0]) or [f"row {r}" for r in range(pool.shape[0])]
+    removed = np.flatnonzero(result.nearest_similarity >= threshold)
+    report.write_report(Path(output_dir) / "report.csv", [{
+        "stage": "dedup-relative", "row": int(r), "path": paths[r], "decision": report.REMOVED, "link_kind": "cosine",
+        "link": float(result.nearest_similarity[r]), "reason": f"matches a reference image (cosine >= {threshold})",
+    } for r in removed[np.argsort(-result.nearest_similarity[removed], kind="stable")]])
+    summary = {"rows": int(pool.shape[0]), "kept": int(result.keep.size), "references": int(reference.shape[0]),
+               **report.summary(pool.shape[0], {"matches_reference": removed.size}, result.keep.size)}
     if result.recall is not None:
         write_text_atomic(Path(output_dir) / "recall.json", json.dumps(result.recall, indent=2) + "\n")
         summary["pair_recall"] = round(result.recall["pair_recall"], 4)
@@ -363,11 +388,24 @@ def sample_stage(clusters_dir, output_dir, *, target: int, strategy: str = "rand
 # ----------------------------------------------------------------------------- manifest
 
 
-def manifest_stage(paths_path, selections: Sequence, output) -> StageResult:
-    """Manifest = paths of the rows present in every selection file (one path a line)."""
+def manifest_stage(paths_path, selections: Sequence, output, *, embeddings_path=None) -> StageResult:
+    """Manifest = paths of the rows present in every selection file (one path a line).
+
+    Row i of the selections is line i of ``paths_path``, which must therefore have one line
+    per row of the embeddings (``embeddings_path``, by default the ``embeddings.npy`` that
+    `embed` wrote beside it): a different count is refused before anything is written."""
     paths = read_lines(paths_path)
     if not paths:
         raise CurationInputError(f"{paths_path} lists no paths")
+    beside = Path(paths_path).parent / "embeddings.npy"
+    embeddings_path = beside if embeddings_path is None and beside.is_file() else embeddings_path
+    if embeddings_path is not None:
+        rows = load_array(embeddings_path, "embeddings").shape[0]
+        if rows != len(paths):
+            raise CurationInputError(
+                f"{paths_path} lists {len(paths)} paths but {embeddings_path} has {rows} rows; "
+                "row i of the embeddings must be line i of the paths file (were they written by the same embed run?)"
+            )
     if not selections:
         raise CurationInputError("give at least one --select file (e.g. keep.npy or selected.npy)")
     chosen = None

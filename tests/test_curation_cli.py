@@ -11,7 +11,7 @@ from data_curation.cli import build_parser, main
 from data_curation.config import load_config, packaged_config
 from data_curation.synthetic import long_tailed_mixture, planted_pool
 
-COMMANDS = ["embed", "dedup", "retrieve", "kmeans", "sample", "manifest", "run"]
+COMMANDS = ["hash-dedup", "filter", "blur-faces", "embed", "dedup", "retrieve", "kmeans", "sample", "manifest", "run"]
 
 
 @pytest.fixture
@@ -39,10 +39,11 @@ def test_console_entry_runs_as_a_module():
 def test_chain_of_commands(pool_dir, capsys):
     d, planted = pool_dir
     emb = str(d / "embeddings.npy")
-    assert main(["-q", "dedup", "--embeddings", emb, "--k", "5", "--threshold", "0.9", "--output-dir", str(d / "dedup")]) == 0
+    connected = ["--rule", "connected"]
+    assert main(["-q", "dedup", "--embeddings", emb, "--k", "5", "--threshold", "0.9", "--output-dir", str(d / "dedup"), *connected]) == 0
     keep = np.load(d / "dedup" / "keep.npy")
     assert keep.size == np.unique(planted.components).size
-    assert main(["-q", "dedup", "--embeddings", emb, "--k", "5", "--threshold", "0.9", "--output-dir", str(d / "dedup")]) == 0
+    assert main(["-q", "dedup", "--embeddings", emb, "--k", "5", "--threshold", "0.9", "--output-dir", str(d / "dedup"), *connected]) == 0
     assert "up to date, nothing to do" in capsys.readouterr().out
 
     np.save(d / "eval.npy", planted.embeddings[[10, 20]])

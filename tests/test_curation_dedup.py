@@ -33,7 +33,8 @@ def test_planted_data_is_what_the_test_assumes(planted):
 
 @pytest.mark.parametrize("factory,params", [("Flat", ""), ("IVF32,Flat", "nprobe=4"), ("HNSW16", "efSearch=64")])
 def test_self_dedup_components_equal_planted_groups(planted, factory, params):
-    result = self_dedup(planted.embeddings, 8, THRESHOLD, index=IndexOptions(factory=factory, search_params=params), progress=False)
+    result = self_dedup(planted.embeddings, 8, THRESHOLD, index=IndexOptions(factory=factory, search_params=params), progress=False,
+                        rule="connected")
     np.testing.assert_array_equal(result.components, planted.components)
     np.testing.assert_array_equal(result.keep, lowest_row_per_group(planted.components))
     for rows in planted.chains:  # chains end up in one component although their ends are not similar
@@ -42,6 +43,34 @@ def test_self_dedup_components_equal_planted_groups(planted, factory, params):
         assert result.recall is None
     else:
         assert 0.0 <= result.recall["pair_recall"] <= 1.0 and result.recall["exact_pairs_above_threshold"] > 0
+
+
+def test_default_rule_never_removes_a_row_for_a_chain(planted, tmp_path):
+    """representative (default): every removed row is itself similar to the kept row that replaces it."""
+    x = planted.embeddings
+    result = self_dedup(x, 8, THRESHOLD, progress=False)
+    removed = np.setdiff1d(np.arange(x.shape[0]), result.keep)
+    representative = result.groups.representative[removed]
+    cosine = np.einsum("ij,ij->i", x[removed], x[representative])
+    assert (cosine >= THRESHOLD - 1e-6).all() and np.isin(representative, result.keep).all()
+    np.testing.assert_allclose(result.groups.link[removed], cosine, atol=1e-5)
+    for rows in planted.chains:  # a chain's ends are below the threshold: they never share a group
+        assert result.components[rows[0]] != result.components[rows[2]]
+    groups = {g: set(np.flatnonzero(planted.components == g)) for g in np.unique(planted.components)}
+    for g, members in groups.items():  # plain near-duplicate groups (no chains) still collapse to one row
+        if len(members) > 1 and not any(set(c) == members for c in map(set, planted.chains)):
+            assert np.unique(result.components[list(members)]).size == 1
+
+    np.save(tmp_path / "embeddings.npy", x)
+    (tmp_path / "paths.txt").write_text("".join(f"/pool/{i}.jpg\n" for i in range(x.shape[0])))
+    stage = self_dedup_stage(tmp_path / "embeddings.npy", tmp_path / "out", k=8, threshold=THRESHOLD, progress=False)
+    assert stage.summary["rows_in"] == x.shape[0] and stage.summary["rows_out"] == result.keep.size
+    assert stage.summary["removed_near_duplicate"] == removed.size
+    from data_curation.report import read_report
+
+    rows = [r for r in read_report(tmp_path / "out" / "report.csv") if r["decision"] == "removed"]
+    assert sorted(int(r["row"]) for r in rows) == removed.tolist()
+    assert all(r["representative_path"] == f"/pool/{r['representative_row']}.jpg" and float(r["link"]) >= THRESHOLD - 1e-5 for r in rows)
 
 
 def test_graph_ignores_self_missing_and_weak_edges():
@@ -78,15 +107,15 @@ def test_dedup_stage_is_idempotent_and_resumable(planted, tmp_path):
     path = tmp_path / "embeddings.npy"
     np.save(path, planted.embeddings)
     out = tmp_path / "dedup"
-    first = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False)
+    first = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False, rule="connected")
     assert not first.skipped and first.summary["kept"] == np.unique(planted.components).size
     assert not (out / ".work").exists()  # partial results are cleaned up
     mtime = (out / "keep.npy").stat().st_mtime_ns
-    again = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False)
+    again = self_dedup_stage(path, out, k=8, threshold=THRESHOLD, index=IndexOptions(chunk_rows=500), progress=False, rule="connected")
     assert again.skipped and "nothing to do" in again.describe()
     assert (out / "keep.npy").stat().st_mtime_ns == mtime
     # Another threshold is another stage run: it is redone, not skipped.
-    changed = self_dedup_stage(path, out, k=8, threshold=0.999, index=IndexOptions(chunk_rows=500), progress=False)
+    changed = self_dedup_stage(path, out, k=8, threshold=0.999, index=IndexOptions(chunk_rows=500), progress=False, rule="connected")
     assert not changed.skipped and changed.summary["kept"] == planted.embeddings.shape[0]
 
 

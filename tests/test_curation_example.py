@@ -20,3 +20,13 @@ def test_skimage_photos_example_finds_every_planted_copy(tmp_path):
     assert set(summary["nearest_to_coffee"][1:]) == {"coffee_flip.jpg", "coffee_crop.jpg"}
     assert summary["run_manifest_lines"] == 12
     assert 0 < summary["manifest_lines"] <= 12
+
+
+@pytest.mark.slow
+def test_raw_pool_example_runs_end_to_end(tmp_path):
+    pytest.importorskip("cv2")
+    from data_curation.examples.planted_photos import run_example
+
+    scores = run_example(tmp_path / "raw", copies_per_kind=5)
+    assert scores["errors"] == 1 and scores["precision"] >= 0.9 and scores["recall"] >= 0.6
+    assert "astronaut" in (tmp_path / "raw" / "blur_faces" / "faces.csv").read_text()
