@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dinov2.checkpoint.keys import key_mismatches
+from dinov2.state_dicts import key_mismatches
 from dinov2.checkpoint.metadata import read_metadata, safe_load
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from dinov2.data.seeding import derive_seed
+from dinov2.seeding import derive_seed
 
 # Stream tags for derive_seed, distinct from the data pipeline's (0-4).
 STREAM_RANK = 100

@@ -13,7 +13,7 @@ from .masking import MaskingGenerator
 from .mnist import MNIST_MEAN, MNIST_STD, MNISTDemoDataset, load_mnist_demo_arrays
 from .splits import stratified_split
 from .samplers import InfiniteSampler, RankLayout, SampleKey
-from .seeding import derive_seed, numpy_rng, torch_generator
+from dinov2.seeding import derive_seed, numpy_rng, torch_generator
 from .ssl_dataset import Sample, SSLDataset
 from .unreadable import SkipUnreadable
 

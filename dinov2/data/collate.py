@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .masking import MaskingGenerator
-from .seeding import STREAM_MASK, STREAM_MASK_SHAPE, numpy_rng, rng_uniform
+from dinov2.seeding import STREAM_MASK, STREAM_MASK_SHAPE, numpy_rng, rng_uniform
 from .ssl_dataset import Sample
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .collate import SSLBatch, SSLCollate
 from .masking import MaskingGenerator
 from .samplers import InfiniteSampler, RankLayout
-from .seeding import torch_generator
+from dinov2.seeding import torch_generator
 from .ssl_dataset import SSLDataset
 
 # Tag for the generator DataLoader uses to seed its workers; giving it one keeps

@@ -15,7 +15,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from .seeding import RNGLike, rng_randint, rng_uniform
+from dinov2.seeding import RNGLike, rng_randint, rng_uniform
 
 # Attempts per rectangle before giving up on this round (official value).
 _ATTEMPTS_PER_BLOCK = 10

@@ -22,7 +22,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 from torch.utils.data import Sampler
 
-from .seeding import STREAM_EPOCH, torch_generator
+from dinov2.seeding import STREAM_EPOCH, torch_generator
 
 
 class SampleKey(NamedTuple):

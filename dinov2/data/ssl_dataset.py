@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .samplers import SampleKey
-from .seeding import STREAM_AUGMENT, derive_seed
+from dinov2.seeding import STREAM_AUGMENT, derive_seed
 from .unreadable import SkipUnreadable
 
 
