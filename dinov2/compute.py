@@ -3,6 +3,9 @@ or a ``torch.dtype`` (training, FSDP, evaluation and the benchmarks all read the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,3 +48,16 @@ def resolve_device(name: str | torch.device | None = "auto", local_rank: int = 0
         f"local rank {local_rank} but only {count} GPUs are visible: start one task per GPU "
         f"(--gpus-per-node / --nproc-per-node must not exceed the GPUs of a node)"
     )
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` (``compute.num_threads``) for the duration, then restored;
+    ``None`` leaves it alone. Used by the entry points around a run, never inside library objects."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

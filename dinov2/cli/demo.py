@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinov2.compute import intra_op_threads
 from dinov2.configs import load_config
 from dinov2.data import load_mnist_demo_arrays, stratified_split
 from dinov2.eval.knn import knn_classify
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
 
     print(f"[1/2] pretraining {cfg.student.arch} (dim {cfg.student.embed_dim}, depth {cfg.student.depth}, "
           f"patch {cfg.student.patch_size}) on {cfg.data.dataset} ...", flush=True)
-    trainer = Trainer(cfg, output_dir / "run", resume=not args.fresh)
-    trainer.fit()
+    with intra_op_threads(cfg.compute.num_threads):
+        trainer = Trainer(cfg, output_dir / "run", resume=not args.fresh)
+        trainer.fit()
     train_minutes = (time.perf_counter() - started) / 60
     plot_loss_curve(output_dir / "run", output_dir / "loss_curve.png")
 

@@ -43,7 +43,7 @@ from dinov2.checkpoint import (
     CheckpointManager, CheckpointReadError, CheckpointSaveError, UnsafeCheckpointError, read_metadata,
 )
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
-from dinov2.compute import DeviceError, autocast_dtype, resolve_device
+from dinov2.compute import DeviceError, autocast_dtype, intra_op_threads, resolve_device
 from dinov2.configs import ConfigError, load_config, save_config
 from dinov2.distributed import (
     DistributedEnv, DistributedSetupError, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
@@ -54,6 +54,7 @@ from dinov2.logging.console import setup_logging
 from dinov2.train.health import CollapseWatch
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
+from dinov2.train.distillation import fit_teacher_heads
 from dinov2.train.preflight import preflight_cli
 from dinov2.train.summary import run_summary
 from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
@@ -125,8 +126,6 @@ class Trainer:
         if not resume and env.is_main:
             archive_previous_run(self.output_dir)  # --no-resume never mixes with an old run
         self.device = env.device
-        if cfg.compute.num_threads is not None:
-            torch.set_num_threads(cfg.compute.num_threads)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # Meta-device build, activation checkpointing, compile, FSDP2, init on the device, attention kernel.
@@ -173,6 +172,8 @@ class Trainer:
         )
         if resume:
             self._resume()
+        if self.step == 0:  # distillation from a backbone without heads: fit them (checkpointed, so once)
+            fit_teacher_heads(self.model, cfg, self.dataset, env)
 
         self.knn_monitor = KnnMonitor(cfg) if cfg.evaluation.knn_every_n_steps > 0 else None
         self.collapse_watch = CollapseWatch.for_run(  # warnings at logging steps once the lr warmup is over
@@ -433,7 +434,7 @@ class Trainer:
                         if progress is not None:
                             progress.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if self.knn_monitor is not None and self.step % cfg.evaluation.knn_every_n_steps == 0:
-                    knn = self.knn_monitor(self.model.teacher.backbone)
+                    knn = self.knn_monitor(self.model.ema_model.backbone)  # the final model (the student's EMA when distilling)
                     self.metrics.write(self.step, knn)
                     logger.info("step %d: %s", self.step, knn)
                 if progress is not None:
@@ -484,7 +485,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(cfg, output_dir: str | Path, *, resume: bool = True) -> tuple[dict, DistributedEnv]:
     """Join the process group ``cfg.distributed`` describes (or none), train, leave the group.
     Returns the last logged metrics and where this process sat in the job."""
-    with distributed_session(cfg.distributed, cfg.compute.device) as env:
+    with distributed_session(cfg.distributed, cfg.compute.device) as env, intra_op_threads(cfg.compute.num_threads):
         if not env.is_main:  # one copy of the INFO log, from rank 0
             logging.getLogger("dinov2").setLevel(logging.WARNING)
         return Trainer(cfg, output_dir, resume=resume, env=env).fit(), env
