@@ -48,12 +48,13 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 from .fast_crops import apply_crop_fast, as_hwc_uint8
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD = IMAGENET_MEAN, IMAGENET_STD  # timm's names
 
 _RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect range
 _RRC_ATTEMPTS = 10
