@@ -314,3 +314,38 @@ def test_skipped_files_count_each_file_once_and_survive_a_resume(tmp_path):
     Trainer(cfg(*overrides), tmp_path / "run").fit()  # resumes at step 4, ends at 8 (2 passes over 16 files)
     counts = [m["skipped_files"] for m in read_metrics(tmp_path / "run")]
     assert counts[-1] == 2 and counts == sorted(counts)
+
+
+def _nan_step_on_rank(overrides, out_dir):
+    from dinov2.distributed import distributed_session
+    from dinov2.train.build import build_train_loader
+
+    cfg_ = load_config(None, overrides)
+    with distributed_session(cfg_.distributed, cfg_.compute.device) as env:
+        trainer = Trainer(cfg_, out_dir, env=env)
+        batches = iter(build_train_loader(cfg_, trainer.dataset, start=0, rank=env.rank, world_size=env.world_size))
+        trainer.step = 2
+        trainer.train_step([next(batches)])  # optimizer state exists
+        local = {k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in trainer.model.state_dict().items()}
+        batch = next(batches)
+        if env.rank == 1:  # only one rank sees the NaN: both must skip
+            crops = batch.global_crops.float().clone()
+            crops[0] = float("nan")
+            batch = dataclasses.replace(batch, global_crops=crops)
+        logs = trainer.train_step([batch])
+        after = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in trainer.model.state_dict().items()}
+        unchanged = all(torch.equal(local[k], after[k]) for k in local)
+        clean = trainer.train_step([next(batches)])
+        trainer.close()
+        return {"skipped": int(logs["skipped"]), "unchanged": unchanged, "then": int(clean["skipped"])}
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_all_ranks_with_fsdp(tmp_path):
+    from gloo_ranks import DIST_TINY, run_ranks, write_dataset
+
+    overrides = DIST_TINY + [write_dataset(tmp_path / "images.npy"), "compute.fused_optimizer=true",
+                             "train.batch_size_per_gpu=4"]
+    results = run_ranks(_nan_step_on_rank, 2, tmp_path / "ranks", overrides, str(tmp_path / "run"))
+    assert [r["skipped"] for r in results] == [1, 1]
+    assert all(r["unchanged"] for r in results)
+    assert [r["then"] for r in results] == [0, 0]
