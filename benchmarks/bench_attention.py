@@ -1,7 +1,8 @@
 """Packed student pass vs alternatives: ViT-S/14 over 2 global + 8 local crops per image.
 
 Variants, all on the same weights and inputs:
-- packed (one pass, attention per group of equal-length crops) with each usable backend,
+- packed (one pass) with each usable kernel: per group of equal-length crops (sdpa, math) or one
+  kernel over the whole packed sequence (varlen, xformers; when their probe passes),
 - one boolean block-diagonal mask over the packed sequence (``sdpa_masked``),
 - one backbone call per crop size (what a non-packing trainer does).
 Times forward (no grad) and forward+backward; ratios are against ``packed sdpa`` in the same run.
@@ -15,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import time_call, write_results
-from dinov2.layers.attention_backends import xformers_works_on
+from dinov2.layers.attention_backends import probe_backend
 from dinov2.models.vision_transformer import vit_small
 
 
@@ -60,8 +61,10 @@ def main(argv=None) -> None:
 
     variants = [("packed", "sdpa", packed), ("packed", "math", packed), ("packed", "sdpa_masked", packed),
                 ("per crop size", "sdpa", per_crop_size)]
-    if xformers_works_on(device):
-        variants.insert(1, ("packed", "xformers", packed))
+    probes = {name: probe_backend(name, device, dtype) for name in ("varlen", "xformers")}
+    for name in ("xformers", "varlen"):  # only kernels that pass a forward+backward probe in this dtype
+        if probes[name].ok:
+            variants.insert(1, ("packed", name, packed))
 
     rows = []
     for mode, backend, run in variants:
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
     tokens = 2 * args.batch * ((args.global_size // 14) ** 2 + 1) + args.local_crops * args.batch * ((args.local_size // 14) ** 2 + 1)
     meta = {"model": "ViT-S/14", "batch": args.batch, "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
             "tokens_per_step": tokens, "dtype": dtype_name, "device": str(device),
-            "xformers_probe": xformers_works_on(device)}
+            "probes": {name: "ok" if p.ok else p.error for name, p in probes.items()}}
     name = args.name or f"attention_{device.type}"
     title = (f"Student pass, ViT-S/14, batch {args.batch} x (2x{args.global_size} + {args.local_crops}x{args.local_size}), "
              f"{dtype_name}, ms (ratio vs packed sdpa)")

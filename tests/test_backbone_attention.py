@@ -5,8 +5,10 @@ import torch
 
 from dinov2.layers import Attention, PackLayout, pack
 from dinov2.layers.attention_backends import (
-    attention, masked_sdpa_attention, math_attention, resolve_backend, sdpa_attention, xformers_works_on,
+    attention, masked_sdpa_attention, math_attention, probe_backend, resolve_backend, sdpa_attention,
+    varlen_available,
 )
+from dinov2.models.vision_transformer import DinoVisionTransformer
 
 
 def reference_attention(q, k, v, lengths):
@@ -63,24 +65,67 @@ def test_block_diagonal_mask_matches_layout():
     assert torch.equal(mask, want)
 
 
-def test_auto_is_sdpa_on_cpu_and_unusable_xformers_is_refused():
+def test_auto_is_sdpa_on_cpu_and_unusable_kernels_are_refused():
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa"
-    if not xformers_works_on(cpu):
-        with pytest.raises(RuntimeError, match="xformers"):
-            resolve_backend("xformers", cpu)
+    for name in ("xformers", "varlen"):  # no CPU kernels: the probe fails, an explicit request is an error
+        assert not probe_backend(name, cpu).ok
+        with pytest.raises(RuntimeError, match=f"'{name}' was requested but a forward\\+backward probe"):
+            resolve_backend(name, cpu)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("flash3", cpu)
 
 
+def test_probe_passes_for_a_working_kernel_and_reports_a_wrong_one(monkeypatch):
+    assert probe_backend("sdpa", torch.device("cpu")).ok
+    assert probe_backend("sdpa", torch.device("cpu"), torch.bfloat16).ok
+    import dinov2.layers.attention_backends as backends
+
+    # A kernel that ignores image boundaries (one softmax over the whole packed sequence) is refused.
+    monkeypatch.setattr(backends, "sdpa_attention", lambda q, k, v, layout: masked_sdpa_attention(
+        q, k, v, type(layout).dense(1, layout.total_tokens)))
+    result = probe_backend("sdpa", torch.device("cpu"))
+    assert not result.ok and "differs from the math reference" in result.error
+
+
+def test_backend_is_stored_once_and_not_read_from_the_environment(monkeypatch, tiny_vit_kwargs):
+    monkeypatch.setenv("DINOV2_ATTENTION_BACKEND", "math")  # the old call-time default: ignored now
+    model = DinoVisionTransformer(**tiny_vit_kwargs)
+    assert model.attention_backend == "sdpa"  # auto before meeting a device
+    assert model.resolve_attention_backend(torch.device("cpu")) == "sdpa"
+    model.set_attention_backend("math")
+    assert {m.backend for m in model.modules() if isinstance(m, Attention)} == {"math"}
+    with pytest.raises(ValueError, match="unknown attention backend 'auto'"):
+        model.set_attention_backend("auto")  # a model stores concrete kernels only
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA")
 def test_xformers_matches_math_on_cuda():
-    if not xformers_works_on(torch.device("cuda")):
+    if not probe_backend("xformers", torch.device("cuda"), torch.float16).ok:
         pytest.skip("xformers probe failed on this GPU")
     q, k, v = (t.cuda().half() for t in _qkv())
     got = attention(q, k, v, LAYOUT, "xformers").float().cpu()
     want = reference_attention(*(t.float().cpu() for t in (q, k, v)), LAYOUT.sequence_lengths).float()
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not varlen_available(), reason="varlen_attn needs CUDA, torch>=2.10")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_matches_math_on_cuda(dtype):
+    grads = {}
+    for backend in ("math", "varlen"):
+        q, k, v = (t.cuda().to(dtype).requires_grad_() for t in _qkv())
+        out = attention(q, k, v, LAYOUT, backend)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        grads[backend] = [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+    for a, b in zip(grads["math"], grads["varlen"]):
+        torch.testing.assert_close(b, a, atol=2e-2, rtol=2e-2)
+
+
+def test_cumulative_lengths_match_the_layout():
+    assert LAYOUT.cumulative_lengths().tolist() == [0, 17, 34, 39, 44, 49, 50]
+    assert LAYOUT.cumulative_lengths().dtype == torch.int32
+    assert LAYOUT.max_tokens == 17
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "sdpa_masked"])

@@ -74,3 +74,43 @@ def test_block_training_keeps_dropped_images_unchanged_except_other_branch():
     # With rate 0.9 only one image per branch is kept: at least 8 of 10 images pass untouched.
     untouched = (out == x).all(dim=2).all(dim=1)
     assert untouched.sum() >= 8
+
+
+def _reference_subset_residual(x, layout, residual_fn, drop_prob):
+    """The out-of-place formulation: per-token scales and one index_add over a copy of the stream."""
+    kept_images, scales = [], []
+    for batch, tokens in layout.groups:
+        kept = max(int(batch * (1.0 - drop_prob)), 1)
+        kept_images.append(torch.randperm(batch)[:kept])
+        scales.append(torch.full((kept * tokens,), batch / kept))
+    token_index, subset_layout = layout.token_indices_of_images(kept_images)
+    residual = residual_fn(x[token_index], subset_layout)
+    return torch.index_add(x, 0, token_index, residual * torch.cat(scales)[:, None])
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_subset_values_and_gradients_equal_the_out_of_place_formula(inplace):
+    layout = PackLayout(((6, 5), (8, 3)))
+    weight = torch.randn(4, 4)
+    grads = []
+    for fn in (_reference_subset_residual, add_residual_on_kept_subset):
+        x0 = torch.randn(layout.total_tokens, 4, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        w = weight.clone().requires_grad_()
+        x = x0 * 1.0 if inplace else x0  # in place only on a tensor the caller owns
+        torch.manual_seed(0)  # the same kept images in both
+        kwargs = {"inplace": True} if inplace and fn is add_residual_on_kept_subset else {}
+        out = fn(x, layout, lambda t, lay: torch.tanh(t @ w), 0.4, **kwargs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), x0.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+def test_block_never_writes_to_its_input():
+    torch.manual_seed(0)
+    block = Block(8, num_heads=2, init_values=1.0, drop_path=0.5).train()
+    crops = [torch.randn(4, 5, 8), torch.randn(6, 3, 8)]
+    packed, layout = pack(crops)
+    before = packed.clone()
+    block(packed, layout)
+    assert torch.equal(packed, before)

@@ -190,3 +190,19 @@ def test_bad_input_is_named(tiny_vit_kwargs, call, message):
 def test_unknown_ffn_layer(tiny_vit_kwargs):
     with pytest.raises(ValueError, match="swiglufused"):
         DinoVisionTransformer(**{**tiny_vit_kwargs, "ffn_layer": "gelu"})
+
+
+def test_layer_norm_upcasts_low_precision_parameters_for_a_float32_stream():
+    """FSDP hands bf16 norm weights to the float32 residual stream: the norm runs in float32."""
+    from dinov2.layers.layer_norm import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = torch.randn(5, 16)
+    want = torch.nn.functional.layer_norm(x, (16,), norm.weight.bfloat16().float(), norm.bias.bfloat16().float(), 1e-6)
+    norm.bfloat16()
+    got = norm(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16  # otherwise exactly nn.LayerNorm

@@ -184,3 +184,26 @@ def test_sinkhorn_runs_without_process_group():
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
     out = DINOLoss(3).sinkhorn_knopp_teacher(torch.randn(4, 3, dtype=torch.float16), 0.1)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_sinkhorn_result_does_not_depend_on_the_sample_count():
+    """The official B (global sample count) only scales intermediate values: any value gives the same
+    targets, which is why the folded implementation needs no count on the device."""
+    rng = np.random.default_rng(8)
+    scores = rng.normal(scale=0.5, size=(9, 5))
+    want = np_sinkhorn(scores, 0.05, 3)
+    for n_samples in (None, 9, 1000, torch.tensor([3])):
+        np.testing.assert_allclose(sinkhorn_knopp(t32(scores), 0.05, 3, n_samples=n_samples).numpy(), want,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_of_low_precision_logits_is_float32_and_leaves_the_input():
+    logits = torch.randn(12, 7).bfloat16()
+    before = logits.clone()
+    out = sinkhorn_knopp(logits, 0.05)
+    assert out.dtype == torch.float32 and torch.equal(logits, before)
+    np.testing.assert_allclose(out.numpy(), np_sinkhorn(logits.double().numpy(), 0.05, 3), rtol=1e-4, atol=1e-6)
+    fp32 = torch.randn(12, 7)
+    kept = fp32.clone()
+    sinkhorn_knopp(fp32, 0.05)
+    assert torch.equal(fp32, kept)

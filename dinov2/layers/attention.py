@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .attention_backends import attention, default_backend, resolve_backend, validate_backend
+from .attention_backends import attention, concrete_default, validate_backend
 from .packing import PackLayout, as_packed
 
 
@@ -11,6 +11,9 @@ class Attention(nn.Module):
 
     ``qkv`` and ``proj`` run once on all tokens; only the kernel in the middle sees the
     image boundaries. Key names (``qkv``, ``proj``) match the released checkpoints.
+
+    ``backend`` is a concrete kernel name (``auto`` is stored as ``sdpa``, which runs everywhere);
+    the device-specific choice is made once by ``resolve_backend`` and set with ``set_backend``.
     """
 
     def __init__(
@@ -34,12 +37,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.backend = validate_backend(backend or default_backend())
+        self.backend = concrete_default(backend)
+
+    def set_backend(self, name: str) -> None:
+        self.backend = validate_backend(name, allow_auto=False)
 
     def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
         x, layout, dense_shape = as_packed(x, layout)
         tokens, dim = x.shape
         q, k, v = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        out = attention(q, k, v, layout, resolve_backend(self.backend, x.device))
+        out = attention(q, k, v, layout, self.backend)
         out = self.proj_drop(self.proj(out.reshape(tokens, dim)))
         return out.view(dense_shape) if dense_shape is not None else out

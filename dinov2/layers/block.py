@@ -58,11 +58,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
         x, layout, dense_shape = as_packed(x, layout)
         rate = self.sample_drop_ratio if self.training else 0.0
+        owned = False  # the caller's tensor is never written to; ours (after the first branch) is
         for branch in (self._attn_branch, self._ffn_branch):
             if rate > SUBSET_DROP_THRESHOLD:
-                x = add_residual_on_kept_subset(x, layout, branch, rate)
+                x = add_residual_on_kept_subset(x, layout, branch, rate, inplace=owned)
             else:
                 x = x + drop_path_per_image(branch(x, layout), layout, rate)
+            owned = True
         return x.view(dense_shape) if dense_shape is not None else x
 
 

@@ -14,7 +14,7 @@ Weight normalisation uses ``torch.nn.utils.parametrizations.weight_norm``: the p
 are ``last_layer.parametrizations.weight.original0`` (g, ``[out_dim, 1]``) and
 ``...original1`` (v, ``[out_dim, bottleneck_dim]``), ordinary leaf parameters that FSDP2
 ``fully_shard`` shards like any other and whose names contain ``last_layer`` (the
-"freeze last layer" schedule zeroes their gradients by name). Checkpoints written with the
+"freeze last layer" schedule sets their learning rate to 0, found by name). Checkpoints written with the
 deprecated API (``last_layer.weight_g`` / ``weight_v``, e.g. official DINOv2 training
 checkpoints) load through torch's compatibility hook.
 """
@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
+
+from .initialization import InitStep, construction_steps, post_order, run_init_steps
 
 
 class DINOHead(nn.Module):
@@ -62,16 +64,16 @@ class DINOHead(nn.Module):
         with torch.no_grad():
             self.last_layer.parametrizations.weight.original0.fill_(1)
 
-    @torch.no_grad()
+    def init_steps(self) -> list[InitStep]:
+        """The constructor's random draws, in order (see ``dinov2.layers.initialization``): the MLP's
+        default init, its truncated-normal init, then the last layer's default (kaiming) ``v`` and ``g = 1``."""
+        linears = [m for m in post_order(self.mlp) if isinstance(m, nn.Linear)]
+        return (construction_steps(self.mlp) + [(m, _init_linear) for m in linears]
+                + [(self.last_layer.parametrizations.weight, _init_weight_norm)])
+
     def init_weights(self) -> None:
         """Re-initialise in place, e.g. after building on the meta device and ``to_empty``."""
-        for m in self.mlp.modules():
-            if isinstance(m, nn.BatchNorm1d):
-                m.reset_parameters()
-        self.mlp.apply(_init_linear)
-        weight = self.last_layer.parametrizations.weight
-        nn.init.kaiming_uniform_(weight.original1, a=math.sqrt(5))  # nn.Linear's default
-        weight.original0.fill_(1)
+        run_init_steps(self.init_steps())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
@@ -79,6 +81,11 @@ class DINOHead(nn.Module):
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = nn.functional.normalize(x, dim=-1, p=2, eps=eps)
         return self.last_layer(x)
+
+
+def _init_weight_norm(parametrization: nn.Module) -> None:
+    nn.init.kaiming_uniform_(parametrization.original1, a=math.sqrt(5))  # nn.Linear's default, for v
+    parametrization.original0.fill_(1)
 
 
 def _init_linear(m: nn.Module) -> None:

@@ -8,8 +8,7 @@ knowledge lives in a :class:`PackLayout`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -18,38 +17,47 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class PackLayout:
-    """Groups of equal-length sequences, in packing order: ``((batch, tokens), ...)``."""
+    """Groups of equal-length sequences, in packing order: ``((batch, tokens), ...)``.
+
+    The derived sizes are plain fields computed once in ``__post_init__`` (not cached properties:
+    those take a lock on Python <= 3.11 and break ``torch.compile`` graphs).
+    """
 
     groups: tuple[tuple[int, int], ...]
+    total_tokens: int = field(init=False, compare=False, repr=False)
+    offsets: tuple[int, ...] = field(init=False, compare=False, repr=False)  # start of each group
+    # One entry per image, as xformers' ``BlockDiagonalMask.from_seqlens`` wants.
+    sequence_lengths: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    max_tokens: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.groups:
             raise ValueError("a PackLayout needs at least one (batch, tokens) group")
-        for batch, tokens in self.groups:
+        groups = tuple((int(batch), int(tokens)) for batch, tokens in self.groups)
+        for batch, tokens in groups:
             if batch < 1 or tokens < 1:
                 raise ValueError(f"group sizes must be positive, got (batch={batch}, tokens={tokens})")
+        sizes = [batch * tokens for batch, tokens in groups]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "total_tokens", sum(sizes))
+        object.__setattr__(self, "offsets", tuple(offsets))
+        object.__setattr__(self, "sequence_lengths", tuple(t for b, t in groups for _ in range(b)))
+        object.__setattr__(self, "max_tokens", max(t for _, t in groups))
 
     @classmethod
     def dense(cls, batch: int, tokens: int) -> "PackLayout":
         return cls(((batch, tokens),))
 
-    @cached_property
-    def total_tokens(self) -> int:
-        return sum(b * n for b, n in self.groups)
+    def cumulative_lengths(self, device: torch.device | None = None) -> Tensor:
+        """``[images + 1]`` int32 start offsets of every image and the total, as varlen kernels want.
 
-    @cached_property
-    def offsets(self) -> tuple[int, ...]:
-        """Start of each group in the flat token dimension."""
-        starts, position = [], 0
-        for batch, tokens in self.groups:
-            starts.append(position)
-            position += batch * tokens
-        return tuple(starts)
-
-    @cached_property
-    def sequence_lengths(self) -> list[int]:
-        """One entry per image, as xformers' ``BlockDiagonalMask.from_seqlens`` wants."""
-        return [tokens for batch, tokens in self.groups for _ in range(batch)]
+        Built on ``device`` from ``arange`` (no host list copied to the device, so no sync).
+        """
+        pieces = [torch.zeros(1, dtype=torch.int32, device=device)]
+        for (batch, tokens), start in zip(self.groups, self.offsets):
+            pieces.append(torch.arange(1, batch + 1, dtype=torch.int32, device=device) * tokens + start)
+        return torch.cat(pieces)
 
     def split(self, packed: Tensor) -> list[Tensor]:
         """``[T, ...]`` -> one ``[batch, tokens, ...]`` view per group."""
@@ -69,11 +77,13 @@ class PackLayout:
 
     def block_diagonal_mask(self, device: torch.device | None = None) -> Tensor:
         """Boolean ``[T, T]`` mask, True where attention is allowed (same image)."""
-        image_of_token = torch.repeat_interleave(
-            torch.arange(len(self.sequence_lengths), device=device),
-            torch.tensor(self.sequence_lengths, device=device),
-        )
+        images = [torch.arange(batch, device=device)[:, None].expand(batch, tokens).reshape(-1) + first
+                  for (batch, tokens), first in zip(self.groups, self._first_image_of_group())]
+        image_of_token = torch.cat(images)
         return image_of_token[:, None] == image_of_token[None, :]
+
+    def _first_image_of_group(self) -> list[int]:
+        return [sum(b for b, _ in self.groups[:i]) for i in range(len(self.groups))]
 
     def token_indices_of_images(self, images_per_group: Sequence[Tensor]) -> tuple[Tensor, "PackLayout"]:
         """Flat token indices of a subset of images in each group, and the subset's layout.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .centering import TeacherCentering, all_reduce_, sinkhorn_knopp
+from .centering import TeacherCentering, sinkhorn_knopp
 
 
 def _sum_teacher_log_student(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
@@ -60,15 +60,12 @@ class iBOTPatchLoss(TeacherCentering):
     ) -> Tensor:
         """Sinkhorn-Knopp targets for this process's masked patches ``[M_local, K]``.
 
-        ``n_masked_patches_tensor`` is this process's number of masked patches; it is summed
-        over processes to get the global sample count B (processes may hold different
-        counts). Unlike the official code the caller's tensor is not modified in place.
+        ``n_masked_patches_tensor`` (this process's number of masked patches; processes may hold
+        different counts) is kept for the official signature but not needed: the assignments do not
+        depend on the global sample count (see ``sinkhorn_knopp``), so no count is moved to the device
+        or all-reduced. The caller's tensor is not modified.
         """
-        n_total = torch.as_tensor(n_masked_patches_tensor).clone()
-        if n_total.device.type == "cpu" and teacher_output.device.type != "cpu":
-            n_total = n_total.to(teacher_output.device)  # NCCL reduces device tensors
-        all_reduce_(n_total)
-        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations, n_samples=n_total)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations)
 
     def forward(self, student_patch_tokens: Tensor, teacher_patch_tokens: Tensor, student_masks_flat: Tensor) -> Tensor:
         """Loss on full token grids.

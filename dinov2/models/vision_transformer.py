@@ -15,12 +15,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
+from dinov2.configs.choices import Arch, FfnLayer
 from dinov2.layers import Attention, Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused, pack
-from dinov2.layers.attention_backends import validate_backend
+from dinov2.layers.attention_backends import resolve_backend, validate_backend
+from dinov2.layers.layer_norm import LayerNorm
+from dinov2.layers.initialization import InitStep, construction_steps, post_order, run_init_steps
 from dinov2.layers.packing import PackLayout
 from dinov2.models.pos_embed import resample_patch_pos_embed
 
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused", "identity")
+FFN_LAYERS = FfnLayer.values()  # defined once, in the config schema's enums
 
 
 def _identity_ffn(*args, **kwargs) -> nn.Module:
@@ -75,7 +78,7 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
         if block_chunks < 0 or (block_chunks > 0 and depth % block_chunks):
             raise ValueError(f"block_chunks={block_chunks} must be 0 or divide depth={depth}")
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(LayerNorm, eps=1e-6)
 
         self.num_features = self.embed_dim = embed_dim
         self.num_tokens = 1
@@ -123,12 +126,24 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
-    def init_weights(self) -> None:
+    def _init_tokens(self) -> None:
+        nn.init.zeros_(self.mask_token)  # zeros from the constructor; set again for a meta-device build
         trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
-        self.apply(init_weights_vit_timm)
+
+    def _explicit_init_steps(self) -> list[InitStep]:
+        linears = [m for m in post_order(self) if isinstance(m, nn.Linear)]  # the modules the init changes
+        return [(self, DinoVisionTransformer._init_tokens)] + [(m, init_weights_vit_timm) for m in linears]
+
+    def init_weights(self) -> None:
+        run_init_steps(self._explicit_init_steps())
+
+    def init_steps(self) -> list[InitStep]:
+        """Every random draw of a fresh build, in order: constructors' defaults, then ``init_weights``.
+        Run them (``run_init_steps``) after ``to_empty`` to get the weights a plain build would have."""
+        return construction_steps(self) + self._explicit_init_steps()
 
     def block_list(self) -> list[nn.Module]:
         """The transformer blocks in order, whether or not they are grouped in chunks."""
@@ -137,10 +152,23 @@ class DinoVisionTransformer(nn.Module):
         return [b for chunk in self.blocks for b in chunk if not isinstance(b, nn.Identity)]
 
     def set_attention_backend(self, name: str) -> None:
-        validate_backend(name)
+        """Store a concrete attention kernel on every block (see ``resolve_attention_backend`` for ``auto``)."""
+        validate_backend(name, allow_auto=False)
         for module in self.modules():
             if isinstance(module, Attention):
-                module.backend = name
+                module.set_backend(name)
+
+    @property
+    def attention_backend(self) -> str:
+        return next(m.backend for m in self.modules() if isinstance(m, Attention))
+
+    def resolve_attention_backend(self, device: torch.device, dtype: torch.dtype = torch.float32,
+                                  requested: str = "auto") -> str:
+        """Choose the kernel for ``device``/``dtype`` once (probes and timings at this model's head size)
+        and store it; forward passes only read it."""
+        name = resolve_backend(requested, device, dtype, heads=self.num_heads, head_dim=self.embed_dim // self.num_heads)
+        self.set_attention_backend(name)
+        return name
 
     # ------------------------------------------------------------------ tokens
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
@@ -281,7 +309,7 @@ vit_small = _builder(384, 12, 6, "ViT-S: embed dim 384, 12 blocks, 6 heads.")
 vit_base = _builder(768, 12, 12, "ViT-B: embed dim 768, 12 blocks, 12 heads.")
 vit_large = _builder(1024, 24, 16, "ViT-L: embed dim 1024, 24 blocks, 16 heads.")
 vit_giant2 = _builder(1536, 40, 24, "Close to ViT-giant, with embed dim 1536 and 24 heads => 64 per head; 40 blocks.")
-for _name in ("vit_small", "vit_base", "vit_large", "vit_giant2"):
+for _name in Arch.values():
     globals()[_name].__name__ = globals()[_name].__qualname__ = _name
 
 
