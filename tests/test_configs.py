@@ -27,6 +27,7 @@ def test_released_recipe_values():
     assert (cfg.student.arch, cfg.train.centering, cfg.dino.head_n_prototypes, cfg.ibot.separate_head) == (
         "vit_large", "sinkhorn_knopp", 131072, True)
     assert load_config("train/vitg14.yaml").student.ffn_layer == "swiglufused"
+    assert load_config("train/vitl14.yaml").student.ffn_layer == "swiglufused"  # the official vitl14 training recipe
 
 
 @pytest.mark.parametrize(
@@ -157,7 +158,7 @@ def test_choices_are_enums_that_behave_as_strings(tmp_path):
     assert cfg.compute.precision is Precision.bf16 and cfg.compute.precision == "bf16"
     assert cfg.train.centering == "sinkhorn_knopp" and f"{cfg.student.arch}" == "vit_large"
     assert {"bf16": 1}[cfg.distributed.param_dtype] == 1  # hashes as its value (dtype maps keep working)
-    assert repr(cfg.student.ffn_layer) == "'mlp'" and json.dumps(cfg.compute.precision) == '"bf16"'
+    assert repr(cfg.student.ffn_layer) == "'swiglufused'" and json.dumps(cfg.compute.precision) == '"bf16"'
     with pytest.raises(ConfigError, match=r"student.attention_backend: Invalid value 'flash', expected one of"):
         load_config(None, ["student.attention_backend=flash"])
     # The saved config reloads to the same values (members are written as their plain names).
