@@ -2,7 +2,7 @@
 dependencies = ["torch"]
 
 from dinov2.hub.backbones import (  # noqa: E402,F401
-    dinov2_vitb14, dinov2_vitb14_reg, dinov2_vitg14, dinov2_vitg14_reg,
+    dinov2_backbone, dinov2_vitb14, dinov2_vitb14_reg, dinov2_vitg14, dinov2_vitg14_reg,
     dinov2_vitl14, dinov2_vitl14_reg, dinov2_vits14, dinov2_vits14_reg,
 )
 from dinov2.hub.classifiers import (  # noqa: E402,F401

@@ -58,7 +58,7 @@ def test_backbone_file_mismatches_are_named(exported_vits, tmp_path):
         resolve_backbone(backbone_file=path, arch="vit_small", patch_size=16)
     with pytest.raises(BackboneError, match="num_register_tokens=0 was given"):
         resolve_backbone(backbone_file=path, arch="vit_small", num_register_tokens=0)
-    with pytest.raises(BackboneError, match="needs --arch"):
+    with pytest.raises(BackboneError, match="does not describe its architecture.*give --arch"):
         resolve_backbone(backbone_file=path)
     tiny = DinoVisionTransformer(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=4, block_chunks=0)
     torch.save(tiny.state_dict(), tmp_path / "tiny.pth")

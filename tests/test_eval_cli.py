@@ -99,7 +99,7 @@ def test_visualize_cli_writes_pngs(files, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     astro = res["images"][1]
     assert astro["image"] == "astronaut" and astro["size"] == [28, 28]
-    assert Image.open(astro["files"]["pca"]).size == (28, 28)
+    assert Image.open(astro["files"]["pca"]).size == (448, 448)  # 28 px enlarged 16 times: >= 448 px
     assert len([k for k in astro["files"] if k.startswith("attn_head")]) == 6
 
 
@@ -125,7 +125,7 @@ def test_bad_inputs_exit_2_with_one_clear_message(files, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(root / "cat" / "a.png")
     cases = [
         (["knn", *backbone_args(files), "--data", str(root)], "class folder(s) without images: dog"),
-        (["knn", *backbone_args(files), "--data", str(tmp_path / "nothing")], "data not found"),
+        (["knn", *backbone_args(files), "--data", str(tmp_path / "nothing")], "as a path it does not exist"),
         (["knn", "--data", "mnist"], "name a backbone"),
         (["knn", "--backbone-file", str(files / "vits.safetensors"), "--arch", "vit_large", *data_args(files)],
          "does not match vit_large"),
@@ -155,7 +155,7 @@ def test_grayscale_demo_shaped_backbone(files, tmp_path, capsys):
     assert main(["visualize", *bb, "skimage:camera", "--img-size", "28", "--mean", "0.13", "--std", "0.31",
                  "--output-dir", str(tmp_path / "v"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert Image.open(res["images"][0]["files"]["pca"]).size == (28, 28)
+    assert Image.open(res["images"][0]["files"]["pca"]).size == (448, 448)
     assert len([k for k in res["images"][0]["files"] if k.startswith("attn_head")]) == 4
 
 
@@ -175,4 +175,5 @@ def test_evaluate_knn_api_restores_the_train_mode():
 def test_parser_defaults_match_the_paper_protocol():
     args = build_parser().parse_args(["knn", "--data", "mnist", "--backbone", "dinov2_vits14"])
     assert args.ks == [10, 20, 100, 200] and args.temperature == 0.07 and args.val_fraction == 0.2
-    assert args.weights == "LVD142M"
+    assert args.weights is None  # a hub name then means LVD142M; a described file its own input
+    assert args.img_size is None and args.resize_ratio is None  # 224 and 256/224 unless the file says

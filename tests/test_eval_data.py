@@ -54,7 +54,7 @@ def test_folder_without_images_or_class_folders(tmp_path):
     Image.new("RGB", (8, 8)).save(flat / "x.jpg")
     with pytest.raises(DataError, match=r"no class sub-folders \(1 images"):
         load_dataset(str(flat))
-    with pytest.raises(DataError, match="data not found"):
+    with pytest.raises(DataError, match="as a path it does not exist; use one of mnist"):
         load_dataset(str(tmp_path / "missing"))
 
 

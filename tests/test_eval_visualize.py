@@ -100,11 +100,15 @@ def test_visualize_writes_pngs_of_the_right_size(tmp_path):
     assert wide["size"] == [56, 28]  # short side 28, long side 56 (a multiple of the patch)
     assert set(wide["files"]) == {"pca", "overview"} | {f"attn_head{i}" for i in range(4)}
     pca = Image.open(wide["files"]["pca"])
-    assert pca.size == (56, 28) and pca.mode == "RGB"
+    assert pca.size == (56 * 16, 28 * 16) and pca.mode == "RGB"  # enlarged 16 times: short side 448
     assert np.asarray(pca).std() > 0  # not a constant picture
+    # one crisp square per patch: 14 px patches enlarged 16 times are 224 px blocks of one colour
+    block = np.asarray(pca)[:224, :224]
+    assert (block == block[0, 0]).all()
     head = np.asarray(Image.open(wide["files"]["attn_head0"]))
-    assert head.shape == (28, 56, 3) and head.std() > 0
-    assert Image.open(wide["files"]["overview"]).size[0] > 56 * 6
+    assert head.shape == (448, 896, 3) and head.std() > 0
+    overview = Image.open(wide["files"]["overview"])
+    assert overview.size[0] > 896 * 6 and overview.size[1] > 448  # input, PCA, 4 heads; titles and caption
     assert not model.training
 
 
@@ -119,3 +123,37 @@ def test_visualize_bad_inputs(tmp_path):
         visualize(model, [str(tmp_path / "empty")], str(tmp_path), progress=False)
     with pytest.raises(DataError, match="skimage.data has no image"):
         visualize(model, ["skimage:nope"], str(tmp_path), progress=False)
+
+
+def test_overview_is_labelled_and_captioned(tmp_path):
+    """The title strips and the caption hold text (dark pixels on white) above each panel; the panels
+    themselves are the enlarged maps (compared pixel for pixel with the single files)."""
+    model = tiny_vit()
+    res = visualize(model, ["skimage:chelsea"], str(tmp_path), img_size=28, progress=False, label="tiny backbone")
+    files = res["images"][0]["files"]
+    overview = np.asarray(Image.open(files["overview"]).convert("L"))
+    pca = np.asarray(Image.open(files["pca"]).convert("L"))
+    height, width = pca.shape
+    # Find the PCA panel in the overview: the single file is one panel of it.
+    top = overview.shape[0] - height
+    found = [x for x in range(0, overview.shape[1] - width + 1) if (overview[top:, x:x + width] == pca).all()]
+    assert found, "the PCA panel is not in the overview"
+    assert (overview[:top] < 100).any()  # text (caption and titles) above the panels
+    assert res["backbones"] == ["tiny backbone"]
+
+
+def test_comparison_puts_two_backbones_in_labelled_rows(tmp_path):
+    from dinov2.eval.visualize import Entry, visualize_comparison
+
+    entries = [Entry("first", tiny_vit(seed=0), img_size=28, short="A"),
+               Entry("second", tiny_vit(seed=1), img_size=56, short="B")]
+    res = visualize_comparison(entries, ["skimage:chelsea"], str(tmp_path), progress=False, max_heads=2)
+    image = res["images"][0]
+    assert res["backbones"] == ["first", "second"] and [b["size"] for b in image["backbones"]] == [[42, 28], [84, 56]]
+    compare = Image.open(image["files"]["compare"])
+    one = Image.open(image["files"]["chelsea_a_pca"])
+    assert one.size == (672, 448) and Image.open(image["files"]["chelsea_b_pca"]).size == (672, 448)
+    assert compare.size[1] > 2 * 448 and compare.size[0] > 4 * 672  # two rows of input, PCA, 2 heads
+    a, b = (np.asarray(Image.open(image["files"][f"chelsea_{r}_attn_head0"])) for r in "ab")
+    assert not np.array_equal(a, b)
+

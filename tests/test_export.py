@@ -38,7 +38,7 @@ def test_export_round_trip_through_vit_builder_and_torch_hub(trained, tmp_path, 
     out = tmp_path / "teacher.pth"
     assert main([str(run_dir), str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "step_000000002" in printed and "torch.hub.load(REPO, 'dinov2_vits14_reg'" in printed
+    assert "step_000000002" in printed and "torch.hub.load(REPO, 'dinov2_backbone'" in printed
 
     state = load_state_dict_from(str(out))
     assert "blocks.1.attn.qkv.weight" in state and "register_tokens" in state
@@ -90,10 +90,10 @@ def _copy_run(run_dir: Path, dst: Path) -> Path:
 
 def test_unsupported_suffix_directory_target_and_contradicting_format(trained, tmp_path, capsys):
     _, run_dir = trained
-    assert main([str(run_dir), str(tmp_path / "model.onnx")]) == 2  # used to be written as a pickle
+    assert main([str(run_dir), str(tmp_path / "model.bin")]) == 2  # used to be written as a pickle
     err = capsys.readouterr().err
-    assert "model.onnx: unsupported output format '.onnx'; dinov2-export writes .pth, .pt, .safetensors" in err
-    assert not (tmp_path / "model.onnx").exists()
+    assert "model.bin: unsupported output format '.bin'; dinov2-export writes .pth, .pt, .safetensors, .onnx" in err
+    assert not (tmp_path / "model.bin").exists()
     assert main([str(run_dir), str(tmp_path)]) == 2
     assert f"{tmp_path} is a directory; give the output file" in capsys.readouterr().err
     assert main([str(run_dir), str(tmp_path / "x.pth"), "--format", "safetensors"]) == 2

@@ -53,12 +53,11 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture
-def hub_cache(tmp_path):
-    """An empty torch hub cache for this test (downloads land in it, not in ~/.cache)."""
-    before = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
+def hub_cache(tmp_path, monkeypatch):
+    """An empty torch hub cache for this test (downloads land in it, not in ~/.cache). Restored as it
+    was: unset, so that later tests' TORCH_HOME is honoured again (set_dir(previous) would pin it)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     yield tmp_path / "hub" / "checkpoints"
-    torch.hub.set_dir(before)
 
 
 @pytest.fixture

@@ -1,23 +1,27 @@
-"""Export the trained backbone of a DCP checkpoint as a plain state dict in the released layout.
+"""Export the trained backbone of a DCP checkpoint, described, in the formats people load.
 
-    dinov2-export runs/x OUT.pth [--which teacher|student]      (or OUT.safetensors)
+    dinov2-export RUN OUT.safetensors [--which final|teacher|student|student_ema]    (or OUT.pth)
+    dinov2-export RUN OUT_DIR --format hf        transformers.AutoModel.from_pretrained(OUT_DIR)
+    dinov2-export RUN OUT.safetensors --format timm    timm.create_model(..., pretrained_cfg_overlay=...)
+    dinov2-export RUN OUT.onnx                   onnxruntime, dynamic batch and image size
 
-CHECKPOINT is a ``step_N`` directory, a ``checkpoints/`` directory or a run directory (the
-newest complete checkpoint is used). Only the backbone's tensors are read, in one process and
-without a process group, whatever world size wrote the checkpoint (DCP reassembles the
-shards). Keys lose their ``model.teacher.backbone.`` prefix, and chunked blocks
-(``blocks.{chunk}.{i}``) become ``blocks.{i}``, which is the key layout of the released
-checkpoints: the file loads with ``torch.hub.load(REPO, "dinov2_vits14", source="local",
-weights=OUT, ...)`` and with ``dinov2.models.vision_transformer.vit_*``. When the run's
-``config.yaml`` is found next to the checkpoints, the export is checked against the
-architecture it describes and the keyword arguments to rebuild it are printed.
+RUN is a ``step_N`` directory, a ``checkpoints/`` directory or a run directory (the newest
+complete checkpoint is used), or a file written by dinov2-export (to convert it to another
+format). Only the backbone's tensors are read, in one process and without a process group,
+whatever world size wrote the checkpoint (DCP reassembles the shards). Keys lose their
+``model.teacher.backbone.`` prefix, and chunked blocks (``blocks.{chunk}.{i}``) become
+``blocks.{i}``: the released key layout. The run's ``config.yaml`` (found next to the
+checkpoints) describes the backbone: architecture and input (``dinov2.hub.description``), checked
+against the tensors and written into the file, so ``torch.hub.load(REPO, "dinov2_backbone",
+source="local", weights=OUT)``, ``dinov2-eval --backbone-file OUT`` and ``dinov2-curate embed``
+need no architecture or preprocessing flags. The hf, timm and onnx formats live in
+``dinov2.export``.
 
 The checkpoint is read without running code from it (``dinov2.checkpoint.metadata``). The output
-is written to a temporary file in the target directory and renamed into place, so OUT is either
-the previous file or the complete export, never a torn one. Its format follows its suffix
-(``.pth``/``.pt``: a torch state dict; ``.safetensors``); any other suffix is an error. Every
-failure (no or a corrupt checkpoint, a directory or unwritable target) is one line on stderr
-and exit code 2.
+is written to a temporary file (or directory) next to the target and renamed into place, so OUT
+is either the previous output or the complete export, never a torn one. Every failure (no or a
+corrupt checkpoint, a directory or unwritable target, a format's package missing) is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import os
 import re
 import secrets
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -34,11 +39,15 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from dinov2.hub.description import DESCRIPTION_KEY, BackboneDescription, from_config
+
 from .manager import CheckpointManager, _quiet
 from .metadata import describe, read_metadata, safe_load
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.*)$")
-FORMATS = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors"}  # output suffix -> format
+FORMATS = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors", ".onnx": "onnx"}  # output suffix -> format
+ALL_FORMATS = ("pth", "safetensors", "hf", "timm", "onnx")
+WHICH = ("final", "teacher", "student", "student_ema")  # final: the teacher, or student_ema after distillation
 _HUB_PREFIX = {"vit_small": "dinov2_vits14", "vit_base": "dinov2_vitb14", "vit_large": "dinov2_vitl14",
                "vit_giant2": "dinov2_vitg14"}
 
@@ -75,8 +84,8 @@ def read_tensors(checkpoint: str | Path, prefix: str = "") -> dict[str, torch.Te
 
 def backbone_state_dict(checkpoint: str | Path, which: str = "teacher") -> dict[str, torch.Tensor]:
     """The ``which`` backbone of a training checkpoint, in the released key layout."""
-    if which not in ("teacher", "student"):
-        raise ValueError(f"which={which!r}: choose teacher or student")
+    if which not in WHICH[1:]:
+        raise ValueError(f"which={which!r}: choose {', '.join(WHICH[1:])}")
     prefix = f"model.{which}.backbone."
     tensors = read_tensors(checkpoint, prefix)
     if not tensors:
@@ -92,33 +101,17 @@ def backbone_state_dict(checkpoint: str | Path, which: str = "teacher") -> dict[
 
 def builder_kwargs(cfg) -> dict:
     """Keyword arguments of ``vit_*`` (and of the hub entry points) that rebuild the trained backbone."""
-    s = cfg.student
-    kwargs = dict(
-        patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, init_values=s.layerscale, ffn_layer=s.ffn_layer,
-        block_chunks=0, num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset, in_chans=s.in_chans, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias,
-        ffn_bias=s.ffn_bias,
-    )
-    for key in ("embed_dim", "depth", "num_heads"):
-        if s[key] is not None:
-            kwargs[key] = s[key]
-    return kwargs
+    return from_config(cfg).builder_kwargs()
 
 
 def hub_entry(cfg) -> tuple[str, dict]:
     """The torch.hub entry point (named by architecture and registers) and its keyword arguments."""
-    kwargs = builder_kwargs(cfg)
-    name = _HUB_PREFIX[cfg.student.arch] + ("_reg" if kwargs["num_register_tokens"] else "")
-    if cfg.student.arch == "vit_giant2":
-        kwargs.pop("ffn_layer")  # the vitg entry points fix the FFN themselves
-    return name, kwargs
+    return hub_entry_of(from_config(cfg))
 
 
-def hub_call(cfg, weights: str | Path) -> str:
-    """The torch.hub.load line for an exported file."""
-    name, kwargs = hub_entry(cfg)
-    arguments = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return f"torch.hub.load(REPO, {name!r}, source='local', weights={str(weights)!r}, {arguments})"
+def hub_call(weights: str | Path) -> str:
+    """The torch.hub.load line for a described export (the file says the rest)."""
+    return f"torch.hub.load(REPO, 'dinov2_backbone', source='local', weights={str(weights)!r})"
 
 
 def _run_config(checkpoint: Path):
@@ -129,96 +122,192 @@ def _run_config(checkpoint: Path):
     return load_config(candidate) if candidate.exists() else None
 
 
-def check_against_config(state: dict[str, torch.Tensor], cfg, source: str) -> None:
-    """Build the configured backbone on the meta device (no memory) and require the exact keys and
+def check_described(state: dict[str, torch.Tensor], description: BackboneDescription, source: str) -> None:
+    """Build the described backbone on the meta device (no memory) and require the exact keys and
     shapes; the error names the mismatching keys (e.g. the checkpoint of another architecture)."""
     from dinov2.hub.weights import load_exact
     from dinov2.models.vision_transformer import build_vit
 
     with torch.device("meta"):
-        model = build_vit(cfg.student.arch, **builder_kwargs(cfg))
+        model = build_vit(description.arch, **description.builder_kwargs())
     with warnings.catch_warnings():  # loading into meta tensors is a no-op, which is all we need
         warnings.simplefilter("ignore")
         load_exact(model, state, source)
 
 
+def check_against_config(state: dict[str, torch.Tensor], cfg, source: str) -> None:
+    check_described(state, from_config(cfg), source)
+
+
+def final_model(checkpoint: Path) -> str:
+    """The backbone a run delivers: its EMA teacher, or the student's EMA of a distillation run."""
+    keys = read_metadata(checkpoint).state_dict_metadata
+    return "student_ema" if any(k.startswith("model.student_ema.backbone.") for k in keys) else "teacher"
+
+
+def read_backbone(source: str | Path, which: str = "teacher") -> tuple[dict, BackboneDescription | None, str]:
+    """(state dict in the released layout, its description or None, where it came from) for a training
+    checkpoint (the ``which`` backbone, described by the run's config.yaml) or an exported file."""
+    source = Path(source)
+    if source.is_file():
+        from dinov2.hub.weights import read_weights
+
+        loaded = read_weights(str(source))
+        return loaded.state_dict, loaded.description, str(source)
+    checkpoint = resolve_checkpoint(source)
+    if which == "final":
+        which = final_model(checkpoint)
+    cfg = _run_config(checkpoint)
+    if which == "teacher" and cfg is not None and cfg.distillation.teacher:
+        raise ValueError(f"{checkpoint} is a distillation run: its teacher is the frozen {cfg.distillation.teacher} "
+                         "(export it from there); this run's model is --which student_ema (the default) or student")
+    state = backbone_state_dict(checkpoint, which)
+    description = None
+    if cfg is not None:
+        step = re.search(r"(\d+)$", checkpoint.name)
+        description = from_config(cfg, source={"checkpoint": str(checkpoint.resolve()), "which": which,
+                                               "step": int(step.group(1)) if step else None})
+        check_described(state, description, str(checkpoint))
+    return state, description, str(checkpoint)
+
+
 def output_format(out: Path, fmt: str | None = None) -> str:
-    """The format the output's suffix names; an unsupported suffix, a directory or a ``--format``
-    that contradicts the suffix is an error saying what is supported."""
-    if out.is_dir():
-        raise ValueError(f"{out} is a directory; give the output file, e.g. {out / 'teacher.pth'}")
+    """The format ``--format`` names or, without it, the output's suffix names; a format that cannot be
+    written to ``out`` is an error saying what is supported."""
     suffix = out.suffix.lower()
+    if fmt is not None and fmt not in ALL_FORMATS:
+        raise ValueError(f"unknown --format {fmt!r}; choose one of {', '.join(ALL_FORMATS)}")
+    if fmt == "hf":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} is a file; --format hf writes a directory (config.json, model.safetensors)")
+        return fmt
+    if out.is_dir():
+        raise ValueError(f"{out} is a directory; give the output file, e.g. {out / 'teacher.safetensors'} "
+                         "(or --format hf for a Hugging Face directory)")
+    if fmt == "timm":
+        if suffix not in (".pth", ".pt", ".safetensors"):
+            raise ValueError(f"{out}: --format timm writes .safetensors or .pth, not {suffix or '(no suffix)'!r}")
+        return fmt
     if suffix not in FORMATS:
         raise ValueError(f"{out}: unsupported output format {suffix or '(no suffix)'!r}; dinov2-export writes "
-                         f"{', '.join(FORMATS)} (a state dict in the released key layout, or safetensors)")
+                         f"{', '.join(FORMATS)} (by suffix), a directory with --format hf, or --format timm")
     if fmt is not None and fmt != FORMATS[suffix]:
         raise ValueError(f"{out}: --format {fmt} contradicts the suffix {suffix} (which means {FORMATS[suffix]})")
     return FORMATS[suffix]
 
 
-def _open_temporary(out: Path) -> str:
-    """An empty temporary file next to ``out`` (same filesystem, so the final rename is atomic);
-    fails early, before the checkpoint is read, where the target directory is not writable."""
+def _open_temporary(out: Path, directory: bool = False) -> str:
+    """An empty temporary file (or directory) next to ``out`` (same filesystem, so the final rename is
+    atomic); fails early, before the checkpoint is read, where the target directory is not writable."""
     temporary = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        temporary.open("xb").close()  # the usual permissions (umask), unlike tempfile's 0600
+        if directory:
+            temporary.mkdir()
+        else:
+            temporary.open("xb").close()  # the usual permissions (umask), unlike tempfile's 0600
     except OSError as error:
         raise OSError(f"cannot write {out}: {error.strerror or error} ({out.parent})") from None
     return str(temporary)
 
 
-def _write(state: dict[str, torch.Tensor], fmt: str, temporary: str, out: Path) -> None:
-    try:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+def write_state_dict(state: dict[str, torch.Tensor], path: str, description: BackboneDescription | None,
+                     fmt: str = "pth", metadata: dict[str, str] | None = None) -> None:
+    """``.safetensors`` (the description in the header metadata) or a torch file (the description as the
+    one ``str`` entry beside the tensors: ``torch.load(weights_only=True)`` reads it, runs nothing)."""
+    text = {DESCRIPTION_KEY: description.to_json()} if description is not None else {}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
 
-            save_file(state, temporary)
-        else:
-            torch.save(state, temporary)
-        with open(temporary, "rb") as handle:
+        save_file(state, path, metadata={**text, **(metadata or {})} or None)
+    else:
+        torch.save({**state, **text}, path)
+
+
+def _fsync_tree(path: str) -> None:
+    paths = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+    for item in paths if os.path.isdir(path) else [path]:
+        with open(item, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _write(state, description, fmt: str, temporary: str, out: Path) -> dict:
+    """Write ``fmt`` to ``temporary`` then rename it to ``out``; returns the format's loading hints."""
+    hints = {}
+    try:
+        if fmt in ("pth", "safetensors"):
+            write_state_dict(state, temporary, description, fmt)
+        else:
+            if description is None:
+                raise ValueError(f"--format {fmt} needs the backbone's description: export from a run directory "
+                                 "that has its config.yaml, or from a file written by dinov2-export")
+            from dinov2.export import write_format
+
+            hints = write_format(fmt, state, description, temporary, out)
+        _fsync_tree(temporary)
+        if os.path.isdir(temporary) and out.is_dir():
+            shutil.rmtree(out)  # the old export goes only once the new one is complete
         os.replace(temporary, out)
     except (OSError, RuntimeError) as error:  # a full disk, a quota: torch reports it as RuntimeError
         raise OSError(f"cannot write {out}: {describe(error)}") from None
+    return hints
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "teacher",
+def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "final",
                     fmt: str | None = None) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out`` atomically; returns what was written and how to load it."""
+    """Write the backbone of ``checkpoint`` (or of an exported file) to ``out`` atomically; returns
+    what was written and how to load it."""
     out = Path(out)
     fmt = output_format(out, fmt)
-    checkpoint = resolve_checkpoint(checkpoint)
-    temporary = _open_temporary(out)
+    temporary = _open_temporary(out, directory=fmt == "hf")
     try:
-        state = backbone_state_dict(checkpoint, which)
-        cfg = _run_config(checkpoint)
-        if cfg is not None:
-            check_against_config(state, cfg, str(checkpoint))
-        _write(state, fmt, temporary, out)
+        if which == "final" and not Path(checkpoint).is_file():
+            which = final_model(resolve_checkpoint(checkpoint))
+        state, description, source = read_backbone(checkpoint, which)
+        hints = _write(state, description, fmt, temporary, out)
     finally:
-        if os.path.exists(temporary):
+        if os.path.isdir(temporary):
+            shutil.rmtree(temporary)
+        elif os.path.exists(temporary):
             os.unlink(temporary)
     return {
-        "checkpoint": str(checkpoint), "out": str(out), "which": which, "format": fmt, "tensors": len(state),
+        "checkpoint": source, "out": str(out), "which": which, "format": fmt, "tensors": len(state),
         "parameters": sum(v.numel() for v in state.values()),
-        "hub": hub_call(cfg, out) if cfg is not None else None,
-        "hub_entry": hub_entry(cfg) if cfg is not None else None,
+        "description": description.to_json() if description is not None else None,
+        "hub": hub_call(out) if description is not None and fmt in ("pth", "safetensors") else None,
+        "hub_entry": hub_entry_of(description) if description is not None else None,
+        "load": hints.get("load"),
     }
+
+
+def hub_entry_of(description: BackboneDescription) -> tuple[str, dict]:
+    """The architecture's own torch.hub entry point and the keyword arguments it needs (for files
+    read by code that ignores descriptions)."""
+    kwargs = description.builder_kwargs()
+    name = _HUB_PREFIX[description.arch] + ("_reg" if kwargs["num_register_tokens"] else "")
+    if description.arch == "vit_giant2":
+        kwargs.pop("ffn_layer")  # the vitg entry points fix the FFN themselves
+    return name, kwargs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="dinov2-export", description="Export the teacher (or student) backbone of a training checkpoint as a "
-        "plain state dict in the released DINOv2 key layout.",
-        epilog="Example: dinov2-export runs/vitl14 vitl14_teacher.pth  (then torch.hub.load(..., weights=...))",
+        prog="dinov2-export", description="Export the teacher (or student) backbone of a training checkpoint, with "
+        "its architecture and input written into the file, as a state dict in the released DINOv2 key layout "
+        "(.pth / .safetensors), a Hugging Face transformers directory, a timm state dict, or ONNX.",
+        epilog="Examples: dinov2-export runs/x teacher.safetensors; dinov2-export runs/x hf_dir --format hf; "
+        "dinov2-export runs/x teacher_timm.safetensors --format timm; dinov2-export runs/x teacher.onnx",
     )
-    parser.add_argument("checkpoint", help="a step_N checkpoint directory, or a run / checkpoints directory (newest)")
-    parser.add_argument("out", help="output file: .pth or .pt (torch state dict) or .safetensors; written atomically")
-    parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                        help="the EMA teacher (default, what DINOv2 releases) or the student")
-    parser.add_argument("--format", choices=("pth", "safetensors"), default=None,
-                        help="optional; the output suffix decides, and this must agree with it")
+    parser.add_argument("checkpoint", help="a step_N checkpoint directory, a run / checkpoints directory (newest), "
+                        "or a file written by dinov2-export (to convert it)")
+    parser.add_argument("out", help="output: .pth/.pt or .safetensors (released layout), .onnx, a directory "
+                        "(--format hf) or .safetensors/.pth (--format timm); written atomically")
+    parser.add_argument("--which", choices=WHICH, default="final",
+                        help="final (default): the run's final model, i.e. the EMA teacher (what DINOv2 releases) or, "
+                        "after distillation, the student's EMA; or teacher, student, student_ema explicitly")
+    parser.add_argument("--format", choices=ALL_FORMATS, default=None,
+                        help="pth | safetensors | onnx (the suffix decides when omitted) | hf (transformers "
+                        "directory) | timm (timm's key layout)")
     return parser.parse_args(argv)
 
 
@@ -226,13 +315,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         info = export_backbone(args.checkpoint, args.out, which=args.which, fmt=args.format)
-    except (OSError, ValueError, CheckpointException) as error:  # one line, no traceback
+    except (OSError, ValueError, ImportError, CheckpointException) as error:  # one line, no traceback
         print(f"dinov2-export: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"wrote {info['tensors']} tensors ({info['parameters'] / 1e6:.1f} M parameters) of the {info['which']} "
-          f"backbone of {info['checkpoint']} to {info['out']}")
+          f"backbone of {info['checkpoint']} to {info['out']} ({info['format']})")
     if info["hub"]:
         print(f"load with: {info['hub']}")
+    if info["load"]:
+        print(f"load with: {info['load']}")
+    if info["description"] is None:
+        print("note: no config.yaml next to the checkpoints, so the file does not describe its architecture; "
+              "loading it needs the architecture flags", file=sys.stderr)
     return 0
 
 

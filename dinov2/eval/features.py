@@ -145,3 +145,22 @@ def save_features(feats: FeatureSet, prefix: str, n_blocks: int = 1, avgpool: bo
     np.save(f"{prefix}features.npy", x.astype(np.float32))
     np.save(f"{prefix}labels.npy", feats.labels.astype(np.int64))
     return {"features": f"{prefix}features.npy", "labels": f"{prefix}labels.npy", "shape": list(x.shape)}
+
+
+def write_paths(path: str, paths: list[str]) -> None:
+    """One file path a line, UTF-8 with ``surrogateescape``: a name that is not valid UTF-8 (as
+    ``os.fsdecode`` gives it) is written as its original bytes and reads back as the same ``str``
+    (:func:`read_paths`), as curation's ``paths.txt``. A name with a line break cannot be stored
+    one a line and is an error naming it."""
+    broken = [p for p in paths if "\n" in p or "\r" in p]
+    if broken:
+        raise ValueError(f"cannot list {broken[0]!r} one path a line: the file name holds a line break")
+    with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+        handle.writelines(f"{p}\n" for p in paths)
+
+
+def read_paths(path: str) -> list[str]:
+    """The paths :func:`write_paths` wrote, unchanged."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+        return [line[:-1] if line.endswith("\n") else line for line in handle]
+

@@ -26,6 +26,8 @@ from dinov2.data.images import is_image_name, load_image as decode_file
 
 from .backbone import blocks_of, model_in_chans
 from .data import IMAGENET_MEAN, IMAGENET_STD, DataError, normalization
+from .features import eval_mode
+from .figure import enlarge, row, scale_factor, stack, titled, with_caption
 
 # ---------------------------------------------------------------------------- maths
 
@@ -203,37 +205,92 @@ def prepare(
     cw, ch = nw - nw % patch_size, nh - nh % patch_size
     left, top = (nw - cw) // 2, (nh - ch) // 2
     img = img.crop((left, top, left + cw, top + ch))
+    if len(mean) == 1:  # a grayscale backbone: show (and feed) what it sees
+        img = img.convert("L").convert("RGB")
     arr = np.asarray(img.convert("L"), dtype=np.float32)[..., None] if len(mean) == 1 else np.asarray(img, np.float32)
     t = torch.from_numpy(arr / 255.0).permute(2, 0, 1)
     m, s = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     return img, ((t - m) / s)[None]
 
 
-def to_png(rgb01: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """``[h, w, 3]`` floats in [0, 1] -> PIL image of ``size`` (w, h), nearest (one block per patch)."""
+def to_png(rgb01: np.ndarray, factor: int = 1) -> Image.Image:
+    """``[h, w, 3]`` floats in [0, 1] -> PIL image, ``factor`` times larger (one square per patch)."""
     arr = (np.clip(rgb01, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return Image.fromarray(arr).resize(size, Image.NEAREST)
+    return enlarge(Image.fromarray(arr), factor)
 
 
-def heatmap(values: np.ndarray, size: tuple[int, int], cmap: str = "viridis") -> Image.Image:
+def heatmap(values: np.ndarray, factor: int = 1, cmap: str = "viridis") -> Image.Image:
     """A 2-D map min-max scaled to [0, 1] through a matplotlib colormap."""
     from matplotlib import colormaps
 
     v = values.astype(np.float64)
     v = (v - v.min()) / (v.max() - v.min()) if v.max() > v.min() else np.zeros_like(v)
-    return to_png(colormaps[cmap](v)[..., :3], size)
+    return to_png(colormaps[cmap](v)[..., :3], factor)
 
 
-def montage(images: list[Image.Image], pad: int = 4) -> Image.Image:
-    """Images side by side on a white background (all the same height)."""
-    w = sum(im.width for im in images) + pad * (len(images) - 1)
-    h = max(im.height for im in images)
-    canvas = Image.new("RGB", (w, h), "white")
-    x = 0
-    for im in images:
-        canvas.paste(im, (x, 0))
-        x += im.width + pad
-    return canvas
+@dataclass
+class Entry:
+    """One backbone of a figure: its label (caption and row label) and input statistics."""
+
+    label: str
+    model: nn.Module
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    img_size: int = 224
+    short: str = ""  # row label of a comparison (the caption holds ``label``)
+
+
+@dataclass
+class Computed:
+    entry: Entry
+    names: list[str]
+    shown: list[Image.Image]  # the pictures the backbone saw (RGB, its working size)
+    maps: list[ImageMaps]
+    rgbs: list[np.ndarray]
+    masks: list[np.ndarray]
+
+
+def compute(entry: Entry, items: list[str], remove_background: bool, threshold: float, progress: bool) -> Computed:
+    """Maps of every image for one backbone; the PCA is fitted jointly over all its images."""
+    from tqdm.auto import tqdm
+
+    model = entry.model
+    mean, std = normalization(model_in_chans(model), entry.mean, entry.std)
+    device = next(model.parameters()).device
+    shown, maps, names = [], [], []
+    with eval_mode(model):
+        for item in tqdm(items, desc="visualize", disable=not progress, leave=False):
+            name, img = load_image(item)
+            pic, x = prepare(img, entry.img_size, model.patch_size, mean, std)
+            maps.append(patch_features_and_attention(model, x.to(device)))
+            shown.append(pic)
+            names.append(_unique(name, names))
+    rgbs, masks = pca_rgb([m.patch_grid for m in maps], remove_background, threshold)
+    return Computed(entry, names, shown, maps, rgbs, masks)
+
+
+def panels(c: Computed, i: int, max_heads: int | None) -> tuple[list[Image.Image], list[Image.Image]]:
+    """(titled panels for the overview, untitled enlarged maps for the single files) of image ``i``."""
+    pic, m, rgb = c.shown[i], c.maps[i], c.rgbs[i]
+    factor = scale_factor(pic.size)
+    grid_factor = factor * c.entry.model.patch_size
+    pca_img = to_png(rgb, grid_factor)
+    heads = [heatmap(a, grid_factor) for a in m.attention]
+    h, w = m.attention.shape[1:]
+    titled_panels = [titled(enlarge(pic, factor, smooth=True), f"input {pic.width}x{pic.height} px"),
+                     titled(pca_img, f"PCA of patch features ({h}x{w} patches)")]
+    shown_heads = heads if max_heads is None else heads[:max_heads]
+    titled_panels += [titled(hm, f"attention head {k} (class token)") for k, hm in enumerate(shown_heads)]
+    return titled_panels, [pca_img, *heads]
+
+
+def caption(computed: list[Computed], name: str, heads_shown: str, remove_background: bool) -> list[str]:
+    backbones = "; ".join(f"{chr(ord('A') + r)}: {c.entry.label}" if len(computed) > 1 else c.entry.label
+                          for r, c in enumerate(computed))
+    background = ", background (first component below the threshold) black" if remove_background else ""
+    return [f"image {name}  |  {backbones}",
+            f"PCA: first 3 components of the last block's normalised patch features as RGB, fitted over all given "
+            f"images{background}. Attention: the last block's class token to every patch, {heads_shown}."]
 
 
 def visualize(
@@ -246,44 +303,65 @@ def visualize(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     progress: bool = True,
+    label: str = "backbone",
+    max_heads: int | None = 6,
 ) -> dict:
-    """Write ``<name>_pca.png``, ``<name>_attn_head<i>.png`` and ``<name>_overview.png`` per image.
+    """Write ``<name>_pca.png``, ``<name>_attn_head<i>.png`` and ``<name>_overview.png`` (labelled
+    panels: input, PCA, heads; a caption naming the backbone) per image, every panel at least 448 px.
 
     The PCA is fitted jointly over all given images, so colours are comparable between them.
     ``mean``/``std`` default to ImageNet's for an RGB backbone (see ``data.normalization``).
     """
-    from tqdm.auto import tqdm
+    return _write([Entry(label, model, mean, std, img_size)], inputs, output_dir, remove_background, threshold,
+                  progress, max_heads)
 
-    mean, std = normalization(model_in_chans(model), mean, std)
+
+def visualize_comparison(entries: list[Entry], inputs: list[str], output_dir: str, remove_background: bool = True,
+                         threshold: float = 0.0, progress: bool = True, max_heads: int | None = 6) -> dict:
+    """Several backbones side by side: ``<name>_compare.png`` holds one labelled row per backbone
+    (input, PCA, heads), besides each backbone's own files (``<name>_<row>_pca.png``, ...)."""
+    return _write(entries, inputs, output_dir, remove_background, threshold, progress, max_heads)
+
+
+def _write(entries: list[Entry], inputs: list[str], output_dir: str, remove_background: bool, threshold: float,
+           progress: bool, max_heads: int | None) -> dict:
+    items = expand_inputs(inputs)
+    computed = [compute(e, items, remove_background, threshold, progress) for e in entries]
     os.makedirs(output_dir, exist_ok=True)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    shown, maps, names = [], [], []
-    try:
-        for item in tqdm(expand_inputs(inputs), desc="visualize", disable=not progress, leave=False):
-            name, img = load_image(item)
-            pic, x = prepare(img, img_size, model.patch_size, mean, std)
-            maps.append(patch_features_and_attention(model, x.to(device)))
-            shown.append(pic)
-            names.append(_unique(name, names))
-    finally:
-        model.train(was_training)
-    rgbs, fg_masks = pca_rgb([m.patch_grid for m in maps], remove_background, threshold)
+    compare = len(entries) > 1
     written = []
-    for name, pic, m, rgb, fg in zip(names, shown, maps, rgbs, fg_masks):
-        pca_img = to_png(rgb, pic.size)
-        heads = [heatmap(a, pic.size) for a in m.attention]
-        files = {"pca": os.path.join(output_dir, f"{name}_pca.png")}
-        pca_img.save(files["pca"])
-        for i, hm in enumerate(heads):
-            files[f"attn_head{i}"] = os.path.join(output_dir, f"{name}_attn_head{i}.png")
-            hm.save(files[f"attn_head{i}"])
-        files["overview"] = os.path.join(output_dir, f"{name}_overview.png")
-        montage([pic, pca_img, *heads]).save(files["overview"])
-        written.append({"image": name, "size": list(pic.size), "foreground_fraction": float(fg.mean()),
-                        "files": files})
-    return {"metric": "visualize", "output_dir": output_dir, "images": written}
+    for i, name in enumerate(computed[0].names):
+        rows, files, details = [], {}, []
+        for r, c in enumerate(computed):
+            titled_panels, maps = panels(c, i, max_heads)
+            prefix = f"{name}_{chr(ord('a') + r)}" if compare else name
+            files[f"{prefix}_pca" if compare else "pca"] = _save(maps[0], output_dir, f"{prefix}_pca.png")
+            for k, hm in enumerate(maps[1:]):
+                key = f"{prefix}_attn_head{k}" if compare else f"attn_head{k}"
+                files[key] = _save(hm, output_dir, f"{prefix}_attn_head{k}.png")
+            letter = chr(ord("A") + r)
+            rows.append(row(titled_panels, f"{letter}: {c.entry.short or c.entry.label}" if compare else None))
+            details.append({"label": c.entry.label, "size": list(c.shown[i].size),
+                            "foreground_fraction": float(c.masks[i].mean())})
+        n_heads = max(len(c.maps[i].attention) for c in computed)
+        shown = n_heads if max_heads is None else min(n_heads, max_heads)
+        heads_text = f"{shown} of {n_heads} heads shown" if shown < n_heads else f"all {n_heads} heads"
+        figure = with_caption(stack(rows), caption(computed, name, heads_text, remove_background))
+        key = "compare" if compare else "overview"
+        files[key] = _save(figure, output_dir, f"{name}_{key}.png")
+        entry = {"image": name, "size": details[0]["size"], "foreground_fraction": details[0]["foreground_fraction"],
+                 "files": files}
+        if compare:
+            entry["backbones"] = details
+        written.append(entry)
+    return {"metric": "visualize", "output_dir": output_dir, "images": written,
+            "backbones": [e.label for e in entries]}
+
+
+def _save(image: Image.Image, output_dir: str, filename: str) -> str:
+    path = os.path.join(output_dir, filename)
+    image.save(path)
+    return path
 
 
 def _unique(name: str, taken: list[str]) -> str:

@@ -1,4 +1,5 @@
-from .backbones import BACKBONES, load_backbone
+from .backbones import BACKBONES, load_backbone, load_described
+from .description import BackboneDescription
 from .weights import ClassifierWeights, Weights
 
-__all__ = ["BACKBONES", "ClassifierWeights", "Weights", "load_backbone"]
+__all__ = ["BACKBONES", "BackboneDescription", "ClassifierWeights", "Weights", "load_backbone", "load_described"]

@@ -4,7 +4,10 @@
 ``http(s)://`` URL, a ``file://`` URL or a local path (``.pth``/``.pt`` or ``.safetensors``).
 Every form is read without running code from the file: URLs are downloaded into the torch hub
 cache, then, like local files, read as safetensors or with ``torch.load(weights_only=True)``. One
-rule for what a weights file may hold: ``{name: floating-point tensor}`` (:func:`check_state_dict`).
+rule for what a weights file may hold: ``{name: floating-point tensor}`` (:func:`check_state_dict`),
+plus, in files written by ``dinov2-export``, the backbone's description: one ``str`` entry under the
+reserved key ``"dinov2_backbone"`` (in ``.safetensors``, the header metadata entry of that name),
+parsed as JSON by :mod:`dinov2.hub.description` and never unpickled as anything else.
 Only torch is imported at module level so that ``hubconf.py`` stays dependency-free.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -19,8 +23,9 @@ from urllib.request import url2pathname
 import torch
 from torch import nn
 
-from dinov2.checkpoint.keys import key_mismatches, listing
+from dinov2.state_dicts import key_mismatches, listing
 from dinov2.checkpoint.metadata import describe, weights_only_refusal
+from dinov2.hub.description import DESCRIPTION_KEY, BackboneDescription, DescriptionError
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 RELEASED_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2")
@@ -144,20 +149,44 @@ def check_state_dict(state_dict, source: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def read_weights_file(path: str, source: str | None = None) -> dict[str, torch.Tensor]:
-    """A local ``.safetensors`` or torch file (``torch.load(weights_only=True)``: no code from the
-    file runs), checked by :func:`check_state_dict`; ``source`` names it in errors (default: path)."""
-    source = source or path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}" + (" (a directory)" if os.path.isdir(path) else ""))
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file  # optional dependency, only for this format
+@dataclass(frozen=True)
+class WeightsFile:
+    """What a weights file holds: the state dict, and the backbone's description where the file has one."""
 
-        try:
-            state_dict = load_file(path, device="cpu")
-        except Exception as error:  # SafetensorError and friends: a header or size that does not fit
-            raise WeightsFileError(f"{source}: not a readable .safetensors file ({error})") from error
-        return check_state_dict(state_dict, source)
+    state_dict: dict[str, torch.Tensor]
+    description: BackboneDescription | None = None
+
+
+def split_description(entries: dict, description_text, source: str) -> tuple[dict, BackboneDescription | None]:
+    """The state dict without the reserved description entry, and that entry parsed. The entry must be
+    a ``str`` (JSON); anything else under the key is refused like any other non-tensor entry."""
+    if description_text is None:
+        return entries, None
+    if not isinstance(description_text, str):
+        raise WeightsFileError(
+            f"{source}: the reserved entry {DESCRIPTION_KEY!r} must be the JSON text written by dinov2-export, "
+            f"found a {type(description_text).__name__}"
+        )
+    try:
+        return entries, BackboneDescription.from_json(description_text, source)
+    except DescriptionError as error:
+        raise WeightsFileError(str(error)) from None
+
+
+def _read_safetensors(path: str, source: str) -> tuple[dict, str | None]:
+    from safetensors import safe_open  # optional dependency, only for this format
+    from safetensors.torch import load_file
+
+    try:
+        state_dict = load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # SafetensorError and friends: a header or size that does not fit
+        raise WeightsFileError(f"{source}: not a readable .safetensors file ({error})") from error
+    return state_dict, metadata.get(DESCRIPTION_KEY)
+
+
+def _read_torch(path: str, source: str) -> tuple[dict, str | None]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and EOF errors come in many types
@@ -168,24 +197,50 @@ def read_weights_file(path: str, source: str | None = None) -> dict[str, torch.T
                 "read with torch.load(weights_only=True), which runs no code from the file"
             ) from None
         raise WeightsFileError(f"{source}: not a readable torch weights file ({describe(error)})") from None
-    return check_state_dict(state_dict, source)
+    if isinstance(state_dict, dict) and DESCRIPTION_KEY in state_dict:
+        state_dict = dict(state_dict)
+        return state_dict, state_dict.pop(DESCRIPTION_KEY)
+    return state_dict, None
 
 
-def load_state_dict_from(location: str) -> dict[str, torch.Tensor]:
-    """A state dict from an ``http(s)://`` URL (downloaded once to the torch hub cache), a
+def read_weights(path: str, source: str | None = None) -> WeightsFile:
+    """A local ``.safetensors`` or torch file (``torch.load(weights_only=True)``: no code from the
+    file runs): its tensors, checked by :func:`check_state_dict`, and its description if it has one;
+    ``source`` names it in errors (default: path)."""
+    source = source or path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}" + (" (a directory)" if os.path.isdir(path) else ""))
+    reader = _read_safetensors if path.endswith(".safetensors") else _read_torch
+    entries, description_text = reader(path, source)
+    state_dict, description = split_description(entries, description_text, source)
+    return WeightsFile(check_state_dict(state_dict, source), description)
+
+
+def read_weights_file(path: str, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`read_weights` (the description, if any, left out)."""
+    return read_weights(path, source).state_dict
+
+
+def load_weights(location: str) -> WeightsFile:
+    """Tensors and description from an ``http(s)://`` URL (downloaded once to the torch hub cache), a
     ``file://`` URL or a path: ``.safetensors``, or a torch file read with ``weights_only=True``."""
     location = os.fspath(location)
     parsed = urlparse(location)
     if parsed.scheme in ("http", "https"):
         cached = download_to_hub_cache(location)
         try:
-            return read_weights_file(cached, f"{location} (downloaded to {cached})")
+            return read_weights(cached, f"{location} (downloaded to {cached})")
         except WeightsFileError:
             os.remove(cached)  # refused or corrupt: a fixed upload is downloaded afresh next time
             raise
     if parsed.scheme == "file":
-        return read_weights_file(url2pathname(parsed.path))
-    return read_weights_file(location)
+        return read_weights(url2pathname(parsed.path))
+    return read_weights(location)
+
+
+def load_state_dict_from(location: str) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`load_weights` (any description left out)."""
+    return load_weights(location).state_dict
 
 
 def load_exact(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -13,29 +13,24 @@ from dinov2.data import (
     NumpyArrayDataset, make_ssl_data_loader,
 )
 
-DATASET_KINDS = ("mnist_demo", "mnist_demo:train", "folder:PATH", "manifest:PATH", "npy:PATH")
-
 
 def build_dataset(spec: str, in_chans: int = 3) -> Dataset:
-    """``mnist_demo`` (all 5,000) | ``mnist_demo:train`` (without the held-out split) |
-    ``folder:PATH`` | ``manifest:PATH`` | ``npy:PATH``."""
+    """The training images ``data.dataset`` names, in the one data-set grammar (``dinov2.data.spec``):
+    ``mnist`` / ``mnist_demo`` (all 5,000), ``mnist:train`` (without the held-out split),
+    ``folder:PATH``, ``manifest:PATH``, ``npy:PATH`` (or a bare directory, ``.npy`` or ``.txt`` path)."""
+    from dinov2.data.spec import parse_dataset_spec
+
+    parsed = parse_dataset_spec(spec, what="data.dataset")
+    if parsed.kind == "mnist":
+        return MNISTDemoDataset(parsed.split)
     mode = {1: "L", 3: "RGB"}.get(in_chans)
-    if spec == "mnist_demo":
-        return MNISTDemoDataset()
-    if spec == "mnist_demo:train":
-        return MNISTDemoDataset("train")
-    kind, _, path = spec.partition(":")
-    if not path:
-        raise ValueError(f"data.dataset={spec!r} is not one of {', '.join(DATASET_KINDS)}")
-    if kind in ("folder", "manifest") and mode is None:
+    if parsed.kind in ("folder", "manifest") and mode is None:
         raise ValueError(f"student.in_chans={in_chans}: image files give 1 or 3 channels; use npy:PATH for multi-band")
-    if kind == "folder":
-        return ImageFolderDataset(path, mode=mode)
-    if kind == "manifest":
-        return ManifestDataset(path, mode=mode)
-    if kind == "npy":
-        return NumpyArrayDataset(path)
-    raise ValueError(f"data.dataset={spec!r}: unknown kind {kind!r}; use one of {', '.join(DATASET_KINDS)}")
+    if parsed.kind == "folder":
+        return ImageFolderDataset(parsed.path, mode=mode)
+    if parsed.kind == "manifest":
+        return ManifestDataset(parsed.path, mode=mode)
+    return NumpyArrayDataset(parsed.path)
 
 
 def build_transform(cfg) -> DataAugmentationDINO:
