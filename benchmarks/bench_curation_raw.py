@@ -107,10 +107,11 @@ def kmeans_worker(path: str, clusters: list[int], niter: int, steps: int) -> Non
     start = time.perf_counter()
     distributed_kmeans_stage(path, out, clusters=clusters, niter=niter, resampling_steps=steps, sample_size=10, device="cpu")
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     rank = int(os.environ.get("RANK", "0"))
     (out.parent / f"timing_{os.environ.get('WORLD_SIZE', '1')}_{rank}.json").write_text(
-        json.dumps({"rank": rank, "seconds": seconds, "peak_rss_mib": rss}))
+        json.dumps({"rank": rank, "seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024,
+                    "cpu_seconds": usage.ru_utime + usage.ru_stime}))
 
 
 def kmeans_scaling(root: Path, rows: int, clusters: list[int], niter: int, steps: int) -> list[dict]:
@@ -136,7 +137,8 @@ def kmeans_scaling(root: Path, rows: int, clusters: list[int], niter: int, steps
         ranks = [json.loads((root / f"timing_{world}_{rank}.json").read_text()) for rank in range(world)]
         results.append({"processes": world, "rows": int(x.shape[0]), "clusters": clusters, "niter": niter,
                         "resampling_steps": steps, "stage_seconds": max(r["seconds"] for r in ranks),
-                        "launch_wall_seconds": wall, "peak_rss_mib_per_process": max(r["peak_rss_mib"] for r in ranks)})
+                        "launch_wall_seconds": wall, "peak_rss_mib_per_process": max(r["peak_rss_mib"] for r in ranks),
+                        "cpu_seconds_per_process": [r.get("cpu_seconds") for r in ranks]})
         print(json.dumps(results[-1]), flush=True)
     same = all(np.array_equal(np.load(root / "km_1" / f), np.load(root / "km_2" / f))
                for f in ("level1_assignment.npy", "level2_assignment.npy"))

@@ -133,6 +133,14 @@ def iter_row_chunks(num_rows: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iter
         yield start, min(start + chunk_rows, num_rows)
 
 
+def shard_slice(num_items: int, shard: tuple[int, int]) -> slice:
+    """Contiguous block of shard i of n (sizes differ by at most one), so that
+    concatenating the shards in order gives back the full sorted list."""
+    index, count = shard
+    bounds = np.linspace(0, num_items, count + 1).round().astype(int)
+    return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
 def normalized_rows(block: np.ndarray) -> np.ndarray:
     """float32 copy of ``block`` with unit-L2 rows (inner product == cosine)."""
     block = np.asarray(block, dtype=np.float32)

@@ -3,8 +3,10 @@
     dinov2-curate hash-dedup --images DIR|LIST --output-dir D [--bits 64 --radius 10]
     dinov2-curate filter    --embeddings E.npy --classifier head.pth --threshold 0.5 --output-dir D
     dinov2-curate blur-faces --images DIR|LIST|manifest.txt --output-dir D
-    dinov2-curate embed     --images DIR|LIST --backbone dinov2_vits14 --output-dir D [--shard i/n]
-    dinov2-curate dedup     --embeddings E.npy --k K --threshold T --output-dir D
+    dinov2-curate embed     --images DIR|LIST --backbone dinov2_vits14 --output-dir D [--shards N --launcher local|slurm]
+    dinov2-curate embed     --images DIR|LIST --output-dir D --shard i/n      (one shard; then embed-merge)
+    dinov2-curate embed-merge --output-dir D [--shards N]
+    dinov2-curate dedup     --embeddings E.npy --k K --threshold T --output-dir D [--index-shards S --launcher local]
     dinov2-curate dedup     --embeddings E.npy --against R.npy --threshold T --output-dir D
     dinov2-curate retrieve  --embeddings E.npy --queries Q.npy --k K --output-dir D
     dinov2-curate kmeans    --embeddings E.npy --levels 3 --clusters 10000,1000,100 --output-dir D
@@ -25,14 +27,14 @@ from .arrays import CurationInputError
 PROG = "dinov2-curate"
 
 
-def _int_list(text: str) -> list[int]:
+def _cluster_list(text: str) -> list:
+    """10000,1000,100 or 0.01x,0.001x (fractions of the rows clustered), see cluster_counts.py."""
+    from .cluster_counts import parse_cluster_counts
+
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 10000,1000,100, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+        return parse_cluster_counts([part for part in text.split(",") if part.strip()])
+    except CurationInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -53,6 +55,34 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recall-sample", type=int, default=1000, help="queries for the recall-vs-exact report of approximate indexes (0: skip)")
     group.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk (memory bound, resume granularity)")
     group.add_argument("--seed", type=int, default=0)
+
+
+def _add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group(f"job array ({what}: one job per shard, through submitit)")
+    group.add_argument("--launcher", choices=["local", "slurm"], help="local: one process per shard on this machine "
+                       "(GPU i mod #GPUs); slurm: a job array, one task (and --gpus-per-job GPUs) per shard")
+    group.add_argument("--parallel", type=int, help="at most this many shards at once (default: all)")
+    group.add_argument("--partition", help="slurm partition")
+    group.add_argument("--time-min", type=int, default=24 * 60, help="time limit per shard job, minutes")
+    group.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per shard job")
+    group.add_argument("--cpus-per-job", type=int, default=8, help="slurm: CPUs per shard job")
+    group.add_argument("--slurm", action="append", default=[], metavar="KEY[=VALUE]", help="extra #SBATCH option (repeatable)")
+    group.add_argument("--setup", action="append", default=[], metavar="CMD", help="shell line run before each job (repeatable)")
+    group.add_argument("--logs", help="submitit folder for logs (default OUTPUT_DIR/submitit)")
+    group.add_argument("--no-wait", action="store_true", help="slurm: submit and return (merge later)")
+    group.add_argument("--dry-run", action="store_true", help="print the sbatch script (slurm) or the plan; start nothing")
+
+
+def _launch_options(args):
+    from .launch import LaunchOptions
+
+    if args.launcher is None:
+        return None
+    return LaunchOptions(
+        launcher=args.launcher, folder=args.logs, parallelism=args.parallel, timeout_min=args.time_min,
+        partition=args.partition, gpus_per_job=args.gpus_per_job, cpus_per_job=args.cpus_per_job,
+        slurm=tuple(args.slurm), setup=tuple(args.setup), wait=not args.no_wait,
+    )
 
 
 def _index_options(args):
@@ -105,11 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-size", type=int, default=256)
 
     p = sub.add_parser("embed", help="embed images with a backbone -> embeddings.npy, paths.txt, errors.txt")
-    p.add_argument("--images", required=True, help="folder of images (recursive) or list file (one path a line)")
-    p.add_argument("--backbone", default="dinov2_vits14", help="hub backbone name (default dinov2_vits14)")
+    p.add_argument("--images", required=True, help="folder of images (recursive) or list file (one path a line); "
+                   "folder:DIR / manifest:LIST as in dinov2-train")
+    p.add_argument("--backbone", default="dinov2_vits14", help="hub backbone name (default dinov2_vits14), or a "
+                   "backbone file from dinov2-export (it describes its architecture and input; no --weights)")
     p.add_argument("--weights", default="LVD142M", help="LVD142M (released), a local .pth, a file:// URL, or 'random'")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--shard", type=_shard, default=None, help="embed only shard i of n (e.g. 0/4); shards merge when all are done")
+    p.add_argument("--shard", type=_shard, default=None, help="embed only shard i of n (e.g. 0/4) into "
+                   "OUTPUT_DIR/shards/; merge with embed-merge once all n are done")
+    p.add_argument("--shards", type=int, help="embed as N shard jobs (see --launcher; only unfinished shards start), "
+                   "then check and merge them")
     p.add_argument("--image-size", type=int, default=224, help="center-crop size (multiple of 14)")
     p.add_argument("--resize-size", type=int, default=256, help="shorter side before the crop")
     p.add_argument("--batch-size", type=int, default=32)
@@ -117,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
+    _add_launch_options(p, "--shards")
+
+    p = sub.add_parser("embed-merge", help="check that every shard of `embed --shard i/n` finished, then merge them "
+                       "into OUTPUT_DIR/embeddings.npy, paths.txt, errors.txt")
+    p.add_argument("--output-dir", required=True, help="the --output-dir the shards were embedded with")
+    p.add_argument("--shards", type=int, help="number of shards n (default: the one n found under OUTPUT_DIR/shards)")
 
     p = sub.add_parser("dedup", help="self-dedup (--k) or relative dedup (--against) -> keep.npy")
     p.add_argument("--embeddings", required=True)
@@ -125,8 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", action="append", help="relative dedup: reference embeddings .npy (repeatable)")
     p.add_argument("--rule", choices=["representative", "connected"], default="representative",
                    help="self-dedup groups: representative (default, no chaining) or connected components")
+    p.add_argument("--index-shards", type=int, default=1, help="self-dedup: search S index shards (1/S of the "
+                   "pool each) and merge their neighbours; exact (Flat) gives the same pairs as one index")
+    p.add_argument("--search-shard", type=int, help="self-dedup: search only index shard s of --index-shards and "
+                   "stop (your own job array); rerun without it to merge")
     p.add_argument("--output-dir", required=True)
     _add_index_options(p)
+    _add_launch_options(p, "--index-shards")
 
     p = sub.add_parser("retrieve", help="pool rows nearest to curated queries -> neighbors/similarities/selected.npy")
     p.add_argument("--embeddings", required=True)
@@ -140,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kmeans", help="hierarchical k-means with resampling -> level{l}_{centroids,assignment,distances}.npy")
     p.add_argument("--embeddings", required=True)
-    p.add_argument("--clusters", type=_int_list, required=True, help="clusters per level, level 1 first: 10000,1000,100")
+    p.add_argument("--clusters", type=_cluster_list, required=True, help="clusters per level, level 1 first: 10000,1000,100; "
+                   "or relative to the rows clustered: 0.01x,0.001x,0.0001x (0.01x = one cluster per 100 rows)")
     p.add_argument("--levels", type=int, help="number of levels (must match --clusters)")
     p.add_argument("--rows", help="cluster only these rows (.npy of row indices, e.g. dedup keep.npy)")
     p.add_argument("--output-dir", required=True)
@@ -199,21 +246,44 @@ def _dispatch(args) -> str:
             part_size=args.part_size, progress=progress,
         )
     elif args.command == "embed":
-        result = stages.embed_stage(
-            args.images, args.output_dir, backbone=args.backbone, weights=args.weights, shard=args.shard,
-            image_size=args.image_size, resize_size=args.resize_size, batch_size=args.batch_size,
-            num_workers=args.num_workers, device=args.device, dtype=args.dtype, part_size=args.part_size,
-            progress=progress,
-        )
+        options = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                       resize_size=args.resize_size, batch_size=args.batch_size, num_workers=args.num_workers,
+                       device=args.device, dtype=args.dtype, part_size=args.part_size)
+        if args.shards is not None:
+            from .launch import LaunchOptions
+            from .shards import embed_sharded
+
+            if args.shard is not None:
+                raise CurationInputError("give --shard i/n (one shard) or --shards N (all of them), not both")
+            result = embed_sharded(args.images, args.output_dir, shards=args.shards,
+                                   launch=_launch_options(args) or LaunchOptions(), dry_run=args.dry_run, **options)
+            if isinstance(result, str):  # dry run, or submitted without waiting
+                return result
+        else:
+            if args.launcher or args.dry_run or args.no_wait:
+                raise CurationInputError("--launcher/--dry-run/--no-wait go with --shards N")
+            result = stages.embed_stage(args.images, args.output_dir, shard=args.shard, progress=progress, **options)
+            if args.shard is not None:
+                return (result.describe() + f"\nwhen all {args.shard[1]} shards are done: "
+                        f"dinov2-curate embed-merge --output-dir {args.output_dir} --shards {args.shard[1]}")
+    elif args.command == "embed-merge":
+        from .shards import merge_embed_shards
+
+        result = merge_embed_shards(args.output_dir, args.shards)
     elif args.command == "dedup":
         if (args.k is None) == (args.against is None):
             raise CurationInputError("dedup needs either --k K (self-dedup) or --against R.npy (relative dedup)")
         if args.k is not None:
+            if args.dry_run or args.no_wait:
+                raise CurationInputError("dedup --index-shards runs its shard jobs and merges them: no --dry-run/--no-wait")
             result = stages.self_dedup_stage(
                 args.embeddings, args.output_dir, k=args.k, threshold=args.threshold, index=_index_options(args),
-                progress=progress, rule=args.rule,
+                progress=progress, rule=args.rule, index_shards=args.index_shards, launch=_launch_options(args),
+                only_shard=args.search_shard,
             )
         else:
+            if args.index_shards != 1 or args.search_shard is not None or args.launcher:
+                raise CurationInputError("--index-shards/--search-shard/--launcher are for self-dedup (--k), not --against")
             result = stages.relative_dedup_stage(
                 args.embeddings, args.against, args.output_dir, threshold=args.threshold, index=_index_options(args),
                 progress=progress,
@@ -253,10 +323,7 @@ def _dispatch(args) -> str:
             cfg.progress = False
         summary = run_pipeline(cfg)
         return f"run: manifest written to {summary['manifest']}\n" + json.dumps(summary["stages"], indent=2)
-    message = result.describe()
-    if result.summary.get("merged"):
-        message += f"\n{result.summary['merged']}"
-    return message
+    return result.describe()
 
 
 def main(argv: list[str] | None = None) -> int:

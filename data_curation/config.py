@@ -64,6 +64,8 @@ class EmbedConfig:
     dtype: str = "float32"
     device: str = "auto"
     part_size: int = 4096
+    shards: int = 1  # > 1: embed as that many shard jobs (launcher), then check and merge them
+    launcher: str = "local"  # local (one process per shard) | slurm (job array; see `embed --help` for its options)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class SelfDedupConfig:
     k: int = 16
     threshold: float = 0.9
     rule: str = "representative"  # representative (no chaining) | connected (components, as in the paper)
+    index_shards: int = 1  # > 1: search that many index shards (one after the other) and merge: same pairs with Flat
 
 
 @dataclass
@@ -93,7 +96,7 @@ class RetrievalConfig:
 @dataclass
 class KMeansConfig:
     enabled: bool = True
-    clusters: List[int] = field(default_factory=lambda: [100, 10])
+    clusters: List[Any] = field(default_factory=lambda: [100, 10])  # ints, or "0.01x" = 1 % of the rows clustered
     niter: int = 20
     resampling_steps: int = 5
     sample_size: int = 10

@@ -16,6 +16,7 @@ Relative dedup: drop every pool row whose nearest reference (evaluation set) row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import scipy.sparse
@@ -23,7 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from .arrays import validate_embeddings, validate_k, validate_same_dim, validate_threshold
 from .groups import Groups, group_rows, pair_graph, validate_rule
-from .index import IndexOptions, is_exact, measure_recall, search
+from .index import IndexOptions, is_exact, make_index, measure_recall, search
 
 
 def similarity_graph(ids: np.ndarray, similarities: np.ndarray, threshold: float, num_rows: int) -> scipy.sparse.csr_matrix:
@@ -66,28 +67,37 @@ def self_dedup(
     work_dir=None,
     progress: bool = True,
     rule: str = "representative",
+    knn: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> SelfDedupResult:
+    """``knn(k)`` replaces the one-index search: the top k (itself included) of every row, e.g.
+    merged from index shards (sharded_search.py); its recall is then checked from its results."""
     validate_embeddings(embeddings, "embeddings", index.chunk_rows)
     validate_rule(rule)
     threshold = validate_threshold(threshold)
     k = validate_k(k, embeddings.shape[0], excluding_self=True)
-    cache = None if work_dir is None else f"{work_dir}/index.faiss"
-    faiss_index = index.build(embeddings, cache_path=cache, progress=progress)
-    # k + 1: a row finds itself; it is dropped when building the graph.
-    similarities, ids = search(
-        faiss_index, embeddings, k + 1, chunk_rows=index.chunk_rows, progress=progress, desc="self k-NN",
-        work_dir=None if work_dir is None else f"{work_dir}/knn",
-    )
+    faiss_index = None
+    if knn is None:
+        cache = None if work_dir is None else f"{work_dir}/index.faiss"
+        faiss_index = index.build(embeddings, cache_path=cache, progress=progress)
+        # k + 1: a row finds itself; it is dropped when building the graph.
+        similarities, ids = search(
+            faiss_index, embeddings, k + 1, chunk_rows=index.chunk_rows, progress=progress, desc="self k-NN",
+            work_dir=None if work_dir is None else f"{work_dir}/knn",
+        )
+    else:
+        similarities, ids = knn(k + 1)
     graph = similarity_graph(ids, similarities, threshold, embeddings.shape[0])
     rows = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1])
     linked = (ids.reshape(-1) >= 0) & (similarities.reshape(-1) >= threshold)
     groups = group_rows(pair_graph(rows[linked], ids.reshape(-1)[linked], similarities.reshape(-1)[linked],
                                    embeddings.shape[0]), np.arange(embeddings.shape[0]), rule)
     recall = None
-    if not is_exact(faiss_index) and index.recall_sample > 0:
+    exact = is_exact(faiss_index if faiss_index is not None else make_index(embeddings.shape[1], index.factory))
+    if not exact and index.recall_sample > 0:
         recall = measure_recall(
             faiss_index, embeddings, k, sample_size=index.recall_sample, threshold=threshold, exclude_self=True,
             seed=index.seed, chunk_rows=index.chunk_rows,
+            results_of_rows=None if knn is None else (lambda rows: (similarities[rows], ids[rows])),
         )
     return SelfDedupResult(groups.group, groups.keep, int(graph.nnz), recall, groups)
 

@@ -102,14 +102,16 @@ def assign(points: torch.Tensor, centroids: torch.Tensor, chunk_rows: int = 1638
     return torch.cat(labels), torch.cat(distances)
 
 
-def lloyd(points: torch.Tensor, centroids: np.ndarray, niter: int, shard: Shard) -> np.ndarray:
+def lloyd(points: torch.Tensor, centroids: np.ndarray, niter: int, shard: Shard, chunk_rows: int = 16384) -> np.ndarray:
     """``niter`` Lloyd iterations on the points of all ranks; float64 centroids."""
-    current = torch.as_tensor(centroids, dtype=torch.float64, device=shard.device)
+    current = torch.tensor(centroids, dtype=torch.float64, device=shard.device)  # a copy: the caller's array stays
     k = current.shape[0]
     for _ in range(niter):
         labels, _ = assign(points, current.to(points.device, points.dtype))
         sums = torch.zeros(k, points.shape[1], dtype=torch.float64, device=shard.device)
-        sums.index_add_(0, labels.to(shard.device), points.to(shard.device, torch.float64))
+        for start in range(0, points.shape[0], chunk_rows):  # a float64 copy of one chunk at a time, not of the shard
+            stop = start + chunk_rows
+            sums.index_add_(0, labels[start:stop].to(shard.device), points[start:stop].to(shard.device, torch.float64))
         counts = torch.bincount(labels.to(shard.device), minlength=k).to(torch.float64)
         sums, counts = shard.all_reduce(sums), shard.all_reduce(counts)
         filled = counts > 0

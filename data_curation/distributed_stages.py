@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from .arrays import (CurationInputError, iter_row_chunks, load_array, load_indices, normalized_rows, save_npy_atomic,
-                     validate_embeddings, write_text_atomic)
+                     shard_slice, validate_embeddings, write_text_atomic)
+from .cluster_counts import resolve_cluster_counts
 from .stage_state import StageResult, StageState
 
 
@@ -37,13 +38,12 @@ def distributed_kmeans_stage(
     import torch.distributed as dist
 
     from .distributed_kmeans import distributed_hierarchical_kmeans
-    from .embed import shard_slice
     from .kmeans import rows_to_level
 
     pool = load_array(embeddings_path, "embeddings")
     validate_embeddings(pool, f"embeddings ({embeddings_path})")
-    clusters = [int(c) for c in clusters]
     rows = np.arange(pool.shape[0], dtype=np.int64) if rows_path is None else np.unique(load_indices(rows_path, pool.shape[0], "rows"))
+    clusters = resolve_cluster_counts(clusters, rows.size)
     if rows.size < clusters[0]:
         raise CurationInputError(f"level 1 asks for {clusters[0]} clusters but only {rows.size} rows are given")
     outputs = ["rows.npy", "levels.json"] + [f"level{l}_{n}.npy" for l in range(1, len(clusters) + 1) for n in ("centroids", "assignment", "distances")]

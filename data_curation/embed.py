@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -29,16 +30,23 @@ from tqdm.auto import tqdm
 
 from dinov2.data.images import list_image_files, load_image
 from dinov2.data.unreadable import warn_unreadable
+from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-from .arrays import CurationInputError
+from .arrays import CurationInputError, shard_slice  # noqa: F401  (shard_slice: re-exported)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDING_DTYPES = ("float32", "float16")
 
 
 def list_images(source: str | os.PathLike) -> list[str]:
-    """Absolute image paths from a folder (recursive, sorted) or a list file."""
+    """Absolute image paths from a folder (recursive, sorted) or a list file; also in the data-set
+    grammar of training and evaluation (``folder:DIR``, ``manifest:LIST``; ``dinov2.data.spec``)."""
+    if str(source).startswith(("folder:", "manifest:")):
+        from dinov2.data.spec import DatasetSpecError, parse_dataset_spec
+
+        try:
+            source = parse_dataset_spec(str(source), allowed=("folder", "manifest"), what="--images").path
+        except DatasetSpecError as exc:
+            raise CurationInputError(str(exc)) from None
     source = Path(source)
     if source.is_dir():
         paths = sorted(os.path.realpath(p) for p in list_image_files(source))
@@ -70,14 +78,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise CurationInputError(f"--shard {text}: need 0 <= i < n, got i={index}, n={count}")
     return index, count
-
-
-def shard_slice(num_items: int, shard: tuple[int, int]) -> slice:
-    """Contiguous block of shard i of n (sizes differ by at most one), so that
-    concatenating the shards in order gives back the full sorted list."""
-    index, count = shard
-    bounds = np.linspace(0, num_items, count + 1).round().astype(int)
-    return slice(int(bounds[index]), int(bounds[index + 1]))
 
 
 def make_transform(image_size: int = 224, resize_size: int = 256) -> Callable:
@@ -141,9 +141,18 @@ class ThumbnailDescriptor(nn.Module):
 
 def load_model(backbone: str, weights: str | None, **kwargs) -> nn.Module:
     """A hub backbone by name (``weights``: None/"random" = random init, "LVD142M",
-    a local path or file:// URL), or ``thumbnail`` (see ThumbnailDescriptor)."""
+    a local path or file:// URL), a backbone file written by ``dinov2-export`` (built as it
+    describes itself, fed the input it was trained on), or ``thumbnail`` (see ThumbnailDescriptor)."""
     if backbone == "thumbnail":
         return ThumbnailDescriptor().eval()
+    if Path(backbone).is_file():  # written by dinov2-export: it describes its architecture and input
+        from dinov2.hub.backbones import load_described
+        from dinov2.hub.input_adapter import from_imagenet_rgb
+
+        try:
+            return from_imagenet_rgb(*load_described(backbone))
+        except ValueError as exc:
+            raise CurationInputError(str(exc)) from exc
     try:
         from dinov2.hub.backbones import load_backbone
     except ImportError as exc:  # pragma: no cover - only without the dinov2 package
@@ -154,6 +163,29 @@ def load_model(backbone: str, weights: str | None, **kwargs) -> nn.Module:
         return load_backbone(backbone, weights=weights, **kwargs)
     except ValueError as exc:
         raise CurationInputError(str(exc)) from exc
+    except (URLError, ConnectionError, TimeoutError) as exc:  # offline: say how to pass local weights
+        raise CurationInputError(download_hint(backbone, weights, exc)) from exc
+
+
+def download_hint(backbone: str, weights, exc: BaseException) -> str:
+    """What to do when the weights cannot be downloaded (no network, proxy, firewall)."""
+    import re
+
+    from dinov2.hub.weights import DINOV2_BASE_URL, Weights, backbone_url
+
+    url = str(weights)
+    released = re.fullmatch(r"dinov2_vit([sblg])14(_reg)?", backbone)
+    if url in Weights.__members__:
+        sizes = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "g": "vit_giant2"}
+        url = backbone_url(sizes[released[1]], 14, 4 if released[2] else 0) if released else f"{DINOV2_BASE_URL}/..."
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"cannot download the {weights} weights of {backbone} from {url} ({getattr(exc, 'reason', exc)}). "
+        f"Without network access: fetch that file on a machine that has it and pass --weights /path/to/"
+        f"{url.rsplit('/', 1)[-1]} (embed.weights in a config), or copy it into {cache}/ where it is found "
+        "offline; a backbone of your own exported with dinov2-export is passed as --backbone FILE. "
+        "--weights random or --backbone thumbnail run without any weights (smoke tests only)."
+    )
 
 
 @torch.inference_mode()

@@ -229,8 +229,12 @@ def measure_recall(
     exclude_self: bool = False,
     seed: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    results_of_rows=None,
 ) -> dict:
     """Recall of ``index`` against exact search on a seeded sample of queries.
+
+    ``results_of_rows`` (instead of ``index``): a function giving the already computed
+    (similarities, ids) of the sampled query rows, e.g. rows of a merged sharded search.
 
     Reports ``recall_at_k`` (fraction of the exact top-k ids that the index also returns)
     and, with ``threshold``, ``pair_recall`` (fraction of the exact neighbour pairs with
@@ -245,7 +249,10 @@ def measure_recall(
     sample = np.asarray(source[rows])
     k_search = min(k + (1 if exclude_self else 0), database.shape[0])
     exact_sims, exact_ids = exact_search(sample, database, k_search, chunk_rows=chunk_rows)
-    approx_sims, approx_ids = index.search(normalized_rows(sample), k_search)
+    if results_of_rows is None:
+        approx_sims, approx_ids = index.search(normalized_rows(sample), k_search)
+    else:
+        approx_sims, approx_ids = (np.asarray(a)[:, :k_search] for a in results_of_rows(rows))
 
     def neighbour_pairs(sims, ids, min_similarity):
         pairs = set()

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from . import stages
 from .arrays import CurationInputError, read_lines, save_npy_atomic, write_lines_atomic
+from .cluster_counts import parse_cluster_counts
 from .index import IndexOptions
 from .stage_state import StageResult
 
@@ -49,6 +50,8 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
         report(result.describe())
         return result
 
+    if cfg.kmeans.enabled:  # a bad count fails here, not after embedding and dedup
+        parse_cluster_counts(list(cfg.kmeans.clusters))
     if cfg.hash_dedup.enabled and (cfg.embed.embeddings or not cfg.embed.images):
         raise CurationInputError("hash_dedup.enabled needs embed.images (it runs on the raw images, before embedding), "
                                  "not embed.embeddings")
@@ -70,11 +73,17 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
                 search_params=h.search_params, rule=h.rule, basis=h.basis, fit_sample=h.fit_sample, progress=cfg.progress,
             ))
             images = out / "hash_dedup" / "kept_paths.txt"
-        record("embed", stages.embed_stage(
-            images, out / "embed", backbone=e.backbone, weights=e.weights, image_size=e.image_size,
-            resize_size=e.resize_size, batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
-            dtype=e.dtype, part_size=e.part_size, progress=cfg.progress,
-        ))
+        options = dict(backbone=e.backbone, weights=e.weights, image_size=e.image_size, resize_size=e.resize_size,
+                       batch_size=e.batch_size, num_workers=e.num_workers, device=e.device, dtype=e.dtype,
+                       part_size=e.part_size)
+        if e.shards > 1:
+            from .launch import LaunchOptions
+            from .shards import embed_sharded
+
+            record("embed", embed_sharded(images, out / "embed", shards=e.shards, launch=LaunchOptions(launcher=e.launcher),
+                                          **options))
+        else:
+            record("embed", stages.embed_stage(images, out / "embed", progress=cfg.progress, **options))
         embeddings, paths = out / "embed" / "embeddings.npy", out / "embed" / "paths.txt"
     else:
         raise CurationInputError("the config needs embed.images (a folder or list file) or embed.embeddings (a .npy)")
@@ -93,7 +102,7 @@ def run_pipeline(cfg: DictConfig, report: Callable[[str], None] = print) -> dict
     if cfg.self_dedup.enabled:
         record("dedup", stages.self_dedup_stage(
             embeddings, out / "dedup", k=min(cfg.self_dedup.k, num_rows - 1), threshold=cfg.self_dedup.threshold,
-            index=index, progress=cfg.progress, rule=cfg.self_dedup.rule,
+            index=index, progress=cfg.progress, rule=cfg.self_dedup.rule, index_shards=cfg.self_dedup.index_shards,
         ))
         rows = np.intersect1d(rows, np.load(out / "dedup" / "keep.npy"))
     if cfg.relative_dedup.enabled:

@@ -7,19 +7,16 @@ Every stage returns a StageResult; a rerun with the same inputs and parameters r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import dedup, kmeans, report, retrieval, sampling
 from .arrays import (
     DEFAULT_CHUNK_ROWS,
-    AtomicNpyWriter,
     CurationInputError,
     iter_row_chunks,
     load_array,
@@ -34,147 +31,13 @@ from .arrays import (
     write_lines_atomic,
     write_text_atomic,
 )
+from .cluster_counts import resolve_cluster_counts
+from .embed_stage import embed_stage  # noqa: F401  (re-exported: the embed stage lives in embed_stage.py)
 from .groups import validate_rule
 from .index import IndexOptions
 from .stage_state import StageResult, StageState
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- embed
-
-
-def embed_stage(
-    images: str | Path,
-    output_dir: str | Path,
-    *,
-    backbone: str = "dinov2_vits14",
-    weights: str | None = "LVD142M",
-    shard: tuple[int, int] | None = None,
-    model=None,
-    backbone_kwargs: dict | None = None,
-    image_size: int = 224,
-    resize_size: int = 256,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    device: str = "auto",
-    dtype: str = "float32",
-    part_size: int = 4096,
-    progress: bool = True,
-) -> StageResult:
-    """Embed every image (or shard ``i/n`` of them) -> embeddings.npy, paths.txt, errors.txt.
-
-    With ``shard`` the outputs go to ``output_dir/shards/iiiii-of-nnnnn/``; the shard that
-    finishes last merges all shards into ``output_dir`` (the merge is itself idempotent).
-    ``model`` (an nn.Module) replaces the named backbone, e.g. for a custom feature extractor.
-    """
-    import torch  # only this stage needs torch; the others start fast without it
-
-    from . import embed
-
-    all_paths = embed.list_images(images)
-    embed.make_transform(image_size, resize_size)  # validates sizes before anything is written
-    if dtype not in embed.EMBEDDING_DTYPES:
-        raise CurationInputError(f"embedding dtype must be one of {embed.EMBEDDING_DTYPES}, got {dtype!r}")
-    if part_size < 1 or batch_size < 1:
-        raise CurationInputError(f"part_size and batch_size must be >= 1, got {part_size} and {batch_size}")
-    output_dir = Path(output_dir)
-    target_dir, paths = output_dir, all_paths
-    if shard is not None:
-        if shard[1] > len(all_paths):
-            raise CurationInputError(f"--shard {shard[0]}/{shard[1]}: more shards than the {len(all_paths)} images; use n <= {len(all_paths)}")
-        paths = all_paths[embed.shard_slice(len(all_paths), shard)]
-        target_dir = output_dir / "shards" / f"{shard[0]:05d}-of-{shard[1]:05d}"
-    weights_file = [weights] if weights and Path(str(weights)).is_file() else []
-    params = dict(
-        backbone=backbone if model is None else f"custom:{type(model).__name__}", weights=str(weights),
-        backbone_kwargs=backbone_kwargs or {}, image_size=image_size, resize_size=resize_size, dtype=dtype,
-        part_size=part_size, paths_sha256=hashlib.sha256("\n".join(paths).encode(errors="surrogateescape")).hexdigest(),
-    )
-    state = StageState(target_dir, "embed", params, weights_file, ["embeddings.npy", "paths.txt", "errors.txt"])
-    if state.is_complete():
-        result = state.skipped_result()
-    else:
-        work = state.begin()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if model is None:
-            model = embed.load_model(backbone, weights, **(backbone_kwargs or {}))
-        parts = list(embed.iter_parts(len(paths), part_size))
-        for number, part in tqdm(parts, desc="embed", unit="part", disable=not progress):
-            done = work / f"part_{number:06d}.npy"
-            if done.is_file():
-                continue
-            out = embed.embed_paths(
-                model, paths[part], image_size=image_size, resize_size=resize_size, batch_size=batch_size,
-                num_workers=num_workers, device=device, dtype=dtype, progress=False,
-            )
-            write_lines_atomic(work / f"part_{number:06d}.paths.txt", out.paths)
-            write_lines_atomic(work / f"part_{number:06d}.errors.txt", [f"{p}\t{e}" for p, e in out.errors])
-            save_npy_atomic(done, out.embeddings)  # written last: its presence marks the part done
-        summary = _concatenate_parts(work, len(parts), target_dir)
-        summary["images"] = len(paths)
-        result = state.complete(summary)
-    if shard is not None:
-        merged = _merge_shards(output_dir, shard[1], progress)
-        if merged is not None:
-            result.summary = {**result.summary, "merged": merged.describe()}
-    return result
-
-
-def _concatenate_parts(folder: Path, num_parts: int, target_dir: Path, prefix: str = "part_") -> dict:
-    """Concatenate ``part_*.npy`` / ``.paths.txt`` / ``.errors.txt`` into the final outputs."""
-    arrays = [np.load(folder / f"{prefix}{n:06d}.npy", mmap_mode="r") for n in range(num_parts)]
-    paths = [line for n in range(num_parts) for line in read_lines_or_empty(folder / f"{prefix}{n:06d}.paths.txt")]
-    errors = [line for n in range(num_parts) for line in read_lines_or_empty(folder / f"{prefix}{n:06d}.errors.txt")]
-    return _publish_embeddings(arrays, paths, errors, target_dir)
-
-
-def _publish_embeddings(arrays: Sequence[np.ndarray], paths: list[str], errors: list[str], target_dir: Path) -> dict:
-    total = sum(a.shape[0] for a in arrays)
-    dims = {a.shape[1] for a in arrays if a.shape[0]}
-    target_dir.mkdir(parents=True, exist_ok=True)
-    write_lines_atomic(target_dir / "errors.txt", errors)
-    if total == 0:
-        raise CurationInputError(
-            f"none of the images could be decoded; see {target_dir / 'errors.txt'} for the reasons"
-        )
-    dim = dims.pop()
-    dtype = next(a.dtype for a in arrays if a.shape[0])
-    writer = AtomicNpyWriter(target_dir / "embeddings.npy", (total, dim), dtype)
-    try:
-        row = 0
-        for array in arrays:
-            if not array.shape[0]:  # a part where every image failed
-                continue
-            writer.array[row : row + array.shape[0]] = array
-            row += array.shape[0]
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    write_lines_atomic(target_dir / "paths.txt", paths)
-    return {"embedded": total, "errors": len(errors), "dim": dim}
-
-
-def read_lines_or_empty(path: Path) -> list[str]:
-    return read_lines(path) if path.stat().st_size else []
-
-
-def _merge_shards(output_dir: Path, count: int, progress: bool) -> StageResult | None:
-    """Merge shard outputs once every shard has finished; None while some are missing."""
-    shard_dirs = [output_dir / "shards" / f"{i:05d}-of-{count:05d}" for i in range(count)]
-    if not all((d / ".embed.done.json").is_file() for d in shard_dirs):
-        return None
-    inputs = [d / name for d in shard_dirs for name in ("embeddings.npy", "paths.txt", "errors.txt")]
-    state = StageState(output_dir, "embed-merge", {"shards": count}, inputs, ["embeddings.npy", "paths.txt", "errors.txt"])
-    if state.is_complete():
-        return state.skipped_result()
-    state.begin()
-    arrays = [np.load(d / "embeddings.npy", mmap_mode="r") for d in shard_dirs]
-    paths = [line for d in shard_dirs for line in read_lines_or_empty(d / "paths.txt")]
-    errors = [line for d in shard_dirs for line in read_lines_or_empty(d / "errors.txt")]
-    return state.complete(_publish_embeddings(arrays, paths, errors, output_dir))
 
 
 # ----------------------------------------------------------------------------- dedup
@@ -195,23 +58,35 @@ def _paths_beside(embeddings_path, rows: int) -> list[str] | None:
 
 def self_dedup_stage(
     embeddings_path, output_dir, *, k: int, threshold: float, index: IndexOptions = IndexOptions(),
-    progress: bool = True, rule: str = "representative",
+    progress: bool = True, rule: str = "representative", index_shards: int = 1, launch=None, only_shard: int | None = None,
 ) -> StageResult:
     """-> components.npy (group id per row), keep.npy (lowest row per group), representative.npy,
     report.csv, contact_sheet.png (when paths.txt lies beside the embeddings); see dedup.py for
-    the grouping ``rule``."""
+    the grouping ``rule``. ``index_shards`` > 1 searches S index shards and merges them (see
+    sharded_search.py; ``launch``: as a job array); ``only_shard`` searches that one shard and stops."""
+    from . import sharded_search
+
     pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
     threshold = validate_threshold(threshold)
     validate_rule(rule)
     validate_k(k, pool.shape[0], excluding_self=True)
     index.validate(pool.shape[1])
-    params = dict(k=k, threshold=threshold, rule=rule, **index.stage_params())
+    index_shards = sharded_search.validate_index_shards(index_shards, pool.shape[0])
+    params = dict(k=k, threshold=threshold, rule=rule, **index.stage_params(),
+                  **({"index_shards": index_shards} if index_shards > 1 else {}))
     state = StageState(output_dir, "dedup", params, [embeddings_path],
                        ["components.npy", "keep.npy", "representative.npy", "report.csv"])
     if state.is_complete():
         return state.skipped_result()
     work = state.begin()
-    result = dedup.self_dedup(pool, k, threshold, index=index, work_dir=work, progress=progress, rule=rule)
+    if only_shard is not None:
+        if not 0 <= only_shard < index_shards:
+            raise CurationInputError(f"--search-shard {only_shard}: need 0 <= s < --index-shards {index_shards}")
+        folder = sharded_search.search_index_shard(pool, only_shard, index_shards, k + 1, index, work, progress)
+        return StageResult("dedup", Path(output_dir), skipped=False, summary={"index_shard": f"{only_shard}/{index_shards}", "results": str(folder)})
+    knn = None if index_shards == 1 else (lambda kk: sharded_search.sharded_self_knn(
+        embeddings_path, pool, kk, index, index_shards, work, launch=launch, progress=progress))
+    result = dedup.self_dedup(pool, k, threshold, index=index, work_dir=work, progress=progress, rule=rule, knn=knn)
     save_npy_atomic(Path(output_dir) / "components.npy", result.components)
     save_npy_atomic(Path(output_dir) / "keep.npy", result.keep)
     save_npy_atomic(Path(output_dir) / "representative.npy", result.groups.representative)
@@ -328,12 +203,12 @@ def kmeans_stage(
 ) -> StageResult:
     """-> rows.npy, levels.json, level{l}_centroids.npy, level{l}_assignment.npy,
     level{l}_distances.npy for l = 1..levels (level 1 assigns rows, level l assigns the
-    clusters of level l-1)."""
+    clusters of level l-1). A count may be relative to the rows clustered ("0.01x")."""
     pool = _load_pool(embeddings_path, chunk_rows=chunk_rows)
-    clusters = [int(c) for c in clusters]
     if levels is not None and levels != len(clusters):
-        raise CurationInputError(f"--levels {levels} but --clusters lists {len(clusters)} counts ({clusters})")
+        raise CurationInputError(f"--levels {levels} but --clusters lists {len(clusters)} counts ({list(clusters)})")
     rows = np.arange(pool.shape[0], dtype=np.int64) if rows_path is None else np.unique(load_indices(rows_path, pool.shape[0], "rows"))
+    clusters = resolve_cluster_counts(clusters, rows.size)  # "0.01x" = 1 % of the rows (cluster_counts.py)
     if rows.size < clusters[0]:
         raise CurationInputError(f"level 1 asks for {clusters[0]} clusters but only {rows.size} rows are given")
     outputs = ["rows.npy", "levels.json"] + [f"level{l}_{n}.npy" for l in range(1, len(clusters) + 1) for n in ("centroids", "assignment", "distances")]

@@ -11,7 +11,7 @@ from data_curation.cli import build_parser, main
 from data_curation.config import load_config, packaged_config
 from data_curation.synthetic import long_tailed_mixture, planted_pool
 
-COMMANDS = ["hash-dedup", "filter", "blur-faces", "embed", "dedup", "retrieve", "kmeans", "sample", "manifest", "run"]
+COMMANDS = ["hash-dedup", "filter", "blur-faces", "embed", "embed-merge", "dedup", "retrieve", "kmeans", "sample", "manifest", "run"]
 
 
 @pytest.fixture

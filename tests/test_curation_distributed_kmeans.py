@@ -83,3 +83,19 @@ def test_kmeans_command_distributed_writes_the_same_files_for_1_and_2_processes(
                  "--output-dir", str(tmp_path / "sample")]) == 0
     selected = np.load(tmp_path / "sample" / "selected.npy")
     assert selected.size == 100 and np.isin(selected, np.load(tmp_path / "rows.npy")).all()
+
+
+def test_lloyd_accumulates_in_chunks_with_the_same_result():
+    """The centroid sums are accumulated chunk by chunk (no float64 copy of the whole shard);
+    on CPU the row order, hence every float64 sum, is unchanged: bit-identical centroids."""
+    from data_curation.distributed_kmeans import lloyd, make_shard
+
+    points = torch.as_tensor(pool())
+    start = points[:24].double().numpy()
+    shard = make_shard(points.shape[0], torch.device("cpu"))
+    given = start.copy()
+    whole = lloyd(points, start, 4, shard, chunk_rows=points.shape[0])
+    np.testing.assert_array_equal(start, given)  # the caller's array is not overwritten
+    chunked = lloyd(points, start, 4, shard, chunk_rows=97)
+    np.testing.assert_array_equal(chunked, whole)
+    assert not np.allclose(whole, start)  # the iterations moved the centroids

@@ -7,7 +7,8 @@ from PIL import Image
 from torch import nn
 
 from data_curation.arrays import CurationInputError
-from data_curation.embed import list_images, make_transform, parse_shard, shard_slice
+from data_curation.embed import list_images, load_model, make_transform, parse_shard, shard_slice
+from data_curation.shards import merge_embed_shards
 from data_curation.stages import embed_stage
 
 
@@ -116,11 +117,10 @@ def test_shards_merge_into_the_unsharded_result(image_folder, tmp_path):
     whole = tmp_path / "whole"
     embed_stage(image_folder, whole, **kwargs)
     sharded = tmp_path / "sharded"
-    first = embed_stage(image_folder, sharded, shard=(1, 3), **kwargs)
-    assert "merged" not in first.summary and not (sharded / "embeddings.npy").exists()
-    embed_stage(image_folder, sharded, shard=(0, 3), **kwargs)
-    last = embed_stage(image_folder, sharded, shard=(2, 3), **kwargs)
-    assert "merged" in last.summary
+    for index in (1, 0, 2):
+        embed_stage(image_folder, sharded, shard=(index, 3), **kwargs)
+        assert not (sharded / "embeddings.npy").exists()  # shards never merge by themselves
+    assert merge_embed_shards(sharded).summary["shards"] == 3  # the one shard count found
     merged = np.load(sharded / "embeddings.npy")
     assert merged.dtype == np.float16
     np.testing.assert_array_equal(merged, np.load(whole / "embeddings.npy"))
@@ -156,3 +156,34 @@ def test_a_part_of_only_broken_images_and_too_many_shards(image_folder, tmp_path
     np.testing.assert_allclose(np.load(tmp_path / "one" / "embeddings.npy"), np.load(tmp_path / "four" / "embeddings.npy"), atol=1e-6)
     with pytest.raises(CurationInputError, match="more shards than the 7 images"):
         embed_stage(image_folder, tmp_path / "sharded", shard=(0, 8), **kwargs)
+
+
+def test_weights_that_cannot_be_downloaded_say_how_to_pass_local_ones(tmp_path, monkeypatch):
+    """A real download attempt that fails (nothing listens on port 9): a CurationInputError that
+    says how to pass local weights, not a URLError traceback."""
+    pytest.importorskip("dinov2.hub.backbones")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    url = "http://127.0.0.1:9/weights/my_vits14_pretrain.pth"
+    with pytest.raises(CurationInputError) as caught:
+        load_model("dinov2_vits14", url, img_size=28)
+    message = str(caught.value)
+    assert f"cannot download the {url} weights of dinov2_vits14 from {url}" in message
+    assert "--weights /path/to/my_vits14_pretrain.pth" in message and str(tmp_path / "torch_home") in message
+
+
+@pytest.mark.slow
+def test_offline_with_the_released_weights_names_the_file_to_fetch(image_folder, tmp_path):
+    """The CLI, offline (all HTTPS through a proxy that refuses), default released weights."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+    env.update(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", TORCH_HOME=str(tmp_path / "th"))
+    done = subprocess.run([sys.executable, "-m", "data_curation.cli", "-q", "embed", "--images", str(image_folder),
+                           "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    assert f"cannot download the LVD142M weights of dinov2_vits14 from {url}" in done.stderr
+    assert "--weights /path/to/dinov2_vits14_pretrain.pth" in done.stderr
