@@ -110,3 +110,12 @@ class DistBackend(Choice):
     auto = "auto"
     nccl = "nccl"
     gloo = "gloo"
+
+
+class DistillationHeads(Choice):
+    """distillation.heads: where the frozen teacher's DINO / iBOT heads come from (dinov2/train/distillation.py)."""
+
+    auto = "auto"  # trained: a run directory's own heads; kmeans: a file or hub backbone (released without heads)
+    trained = "trained"
+    kmeans = "kmeans"  # prototypes = spherical k-means centroids of the teacher's features on the training data
+    random = "random"  # prototypes drawn at random (the baseline the k-means heads are measured against)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov2.data import SSLBatch, normalize_crops
+from dinov2.hub.filters import backbone_filter_fn
 from dinov2.hub.weights import load_exact, load_state_dict_from, resolve_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
@@ -68,7 +69,9 @@ class SSLMetaArch(nn.Module):
         if cfg.student.pretrained_weights:
             location = resolve_backbone_weights(cfg.student.pretrained_weights, cfg.student.arch,  # LVD142M: released
                                                 cfg.student.patch_size, cfg.student.num_register_tokens)
-            load_exact(backbone, load_state_dict_from(location), location)
+            state = backbone_filter_fn(load_state_dict_from(location), backbone, source=location,  # flat/chunked keys,
+                                       ffn_key="student.ffn_layer")  # pos-embed grid (dinov2/hub/filters.py)
+            load_exact(backbone, state, location)
         student = {"backbone": backbone, "dino_head": _head(backbone.embed_dim, cfg.dino)}
         if self.do_ibot and self.ibot_separate_head:
             student["ibot_head"] = _head(backbone.embed_dim, cfg.ibot)
@@ -151,9 +154,13 @@ class SSLMetaArch(nn.Module):
     # ------------------------------------------------------------------ student + losses
     def forward(self, batch: SSLBatch, teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (to backpropagate) and a dict of detached loss terms and collapse monitors."""
-        batch = self.normalized(batch)
+        return self._loss(self.normalized(batch), teacher_temp)
+
+    def _loss(self, batch: SSLBatch, teacher_temp: float, mask_student: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The objective on a normalised batch; ``mask_student=False`` (distillation): the student sees the
+        unmasked crops, and the iBOT loss runs on the patches ``batch.mask_indices`` names."""
         cls_targets, patch_targets, monitors = self._teacher_targets(batch, teacher_temp)
-        crops, crop_masks = [batch.global_crops], [batch.masks]
+        crops, crop_masks = [batch.global_crops], [batch.masks if mask_student else None]
         if self.n_local_crops > 0:  # crops.local_crops_number=0 trains on the global crops only
             crops.append(batch.local_crops)
             crop_masks.append(None)
@@ -208,6 +215,12 @@ class SSLMetaArch(nn.Module):
         return total, logs
 
     # ------------------------------------------------------------------ EMA
+    @property
+    def ema_model(self) -> nn.ModuleDict:
+        """What ``update_teacher`` moves towards the student, and the run's final model: the teacher here, the
+        student's own EMA in distillation (dinov2/train/distillation.py)."""
+        return self.teacher
+
     @torch.no_grad()
     def update_teacher(self, momentum: float | Tensor) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, on local shards (no gather).
@@ -216,8 +229,8 @@ class SSLMetaArch(nn.Module):
         without a host sync. Parameter lists are built once (FSDP2 keeps its local shards)."""
         if getattr(self, "_ema_pairs", None) is None:
             teacher_params, student_params = [], []
-            for name in self.teacher.keys():
-                for t, s in zip(self.teacher[name].parameters(), self.student[name].parameters()):
+            for name in self.ema_model.keys():
+                for t, s in zip(self.ema_model[name].parameters(), self.student[name].parameters()):
                     teacher_params.append(t.to_local() if hasattr(t, "to_local") else t)
                     student_params.append(s.to_local() if hasattr(s, "to_local") else s)
             self._ema_pairs = (teacher_params, student_params)
