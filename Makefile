@@ -24,8 +24,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)
-	$(PY) -m benchmarks.run_all
+bench: $(STAMP)  # make bench ARGS=--quick: a smoke run into benchmarks/results/quick/ (committed tables kept)
+	$(PY) -m benchmarks.run_all $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

@@ -12,7 +12,7 @@ import submitit
 from dinov2.logging import read_metrics
 from dinov2.train.train import Trainer
 from gloo_ranks import DIST_TINY, fork_process, write_dataset
-from launchers.submit import TrainingJob, main, make_executor, parse_args
+from launchers.submit import TrainingJob, main, make_executor, parse_args, sbatch_script, stream_log
 
 SINGLE = [x for x in DIST_TINY if not x.startswith("distributed.launcher")] + ["distributed.launcher=single"]
 
@@ -84,23 +84,70 @@ def test_cli_rejects_bad_input_before_queueing(tmp_path, capsys):
     assert not (tmp_path / "submitit").exists()
 
 
-def test_slurm_parameters_map_to_one_task_per_gpu(tmp_path, monkeypatch):
+def _fake_srun(tmp_path, monkeypatch):
     fake_bin = tmp_path / "bin"  # submitit's SLURM executor only checks that srun exists
     fake_bin.mkdir()
     (fake_bin / "srun").write_text("#!/bin/sh\n")
     (fake_bin / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
-    args = parse_args(["--output-dir", str(tmp_path), "--nodes", "4", "--gpus-per-node", "8", "--partition", "learn",
-                       "--account", "proj", "--qos", "high", "--time", "600", "--constraint", "h100",
-                       "--exclude", "node[01-02]", "--comment", "dinov2 vitl"])
+
+
+SLURM_ARGS = ["--nodes", "4", "--gpus-per-node", "8", "--partition", "learn", "--account", "proj", "--qos", "high",
+              "--time", "600", "--constraint", "h100", "--exclude", "node[01-02]", "--comment", "dinov2 vitl",
+              "--mem-gb", "480", "--setup", "module load cuda/12.4", "--setup", "source ~/venv/bin/activate",
+              "--slurm", "mail-type=END", "--slurm=--reservation=mine", "--slurm", "exclusive",
+              "--slurm", "time=720"]
+
+
+def test_slurm_parameters_map_to_one_task_per_gpu(tmp_path, monkeypatch):
+    _fake_srun(tmp_path, monkeypatch)
+    args = parse_args(["--output-dir", str(tmp_path), *SLURM_ARGS])
     executor = make_executor(args)
-    assert executor.cluster == "slurm"
-    sbatch = executor._executor._make_submission_file_text("python -m x", "uid")
-    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--time=600", "--partition=learn",
+    sbatch = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=learn",
                  "--account=proj", "--qos=high", "--constraint=h100", "--exclude='node[01-02]'", "--cpus-per-task=10",
-                 "--signal=USR2@120"):
-        assert f"#SBATCH {line}" in sbatch, line
+                 "--signal=USR2@120", "--mem=480GB", "--mail-type=END", "--reservation=mine", "--exclusive"):
+        assert f"#SBATCH {line}\n" in sbatch, line
+    assert "#SBATCH --time=720\n" in sbatch and "--time=600" not in sbatch  # a pass-through option wins
     assert "dinov2 vitl" in sbatch
+    setup = sbatch.index("# setup\nmodule load cuda/12.4\nsource ~/venv/bin/activate\n")
+    assert setup < sbatch.index("srun ")  # the setup lines run before the tasks
+    # The dry run prints exactly what would be submitted, and logs go to one folder (no "%j" in it).
+    assert sbatch_script(args) == sbatch
+    assert f"--output={tmp_path.resolve()}/submitit/%j_0_log.out" in sbatch
+
+
+def test_dry_run_prints_the_script_and_config_and_submits_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"  # no srun on this machine: the dry run does not need one
+    assert main(["--output-dir", str(run_dir), *SLURM_ARGS, "--dry-run", "optim.base_lr=0.001"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("#!/bin/bash\n") and "#SBATCH --nodes=4" in captured.out
+    assert "module load cuda/12.4" in captured.out and "submitit.core._submit" in captured.out
+    assert "base_lr: 0.001" in captured.out and "arch: vit_large" in captured.out
+    assert "nothing was submitted" in captured.err
+    assert not run_dir.exists()  # nothing created
+    assert main(["--output-dir", str(run_dir), "--dry-run", "--slurm", "=x"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["--output-dir", str(run_dir), "--local", "--slurm", "mail-type=END"]) == 2
+    assert "--slurm options are for SLURM jobs" in capsys.readouterr().err
+
+
+def test_local_executor_leaves_no_stray_folder_and_streams_rank0_log(tmp_path):
+    import io
+
+    args = parse_args(["--output-dir", str(tmp_path / "run"), "--local", "--gpus-per-node", "1", "--time", "5"])
+    executor = make_executor(args)
+    # Any importable callable: print writes rank 0's stdout, the warning its stderr.
+    job = executor.submit(exec, "import sys, warnings\nfor i in range(3): print('line', i, flush=True)\n"
+                                "print('to stderr', file=sys.stderr)")
+    out, err = io.StringIO(), io.StringIO()
+    stream_log(job, out, err, poll_s=0.1)
+    assert job.result() is None
+    assert "line 0\nline 1\nline 2\n" in out.getvalue() and "to stderr" in err.getvalue()
+    assert out.getvalue() == job.paths.stdout.read_text()  # everything, once
+    folder = tmp_path / "run" / "submitit"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == []  # submitit used to leave "%j/" here
+    assert job.paths.stdout.parent == folder.resolve()
 
 
 def _task_pids(job_id: str) -> list[int]:
@@ -132,6 +179,7 @@ def test_local_executor_runs_two_gloo_tasks_and_requeues_on_preemption(tmp_path)
     result = job.results()[0]
     assert result["step"] == 8
     logs = "".join(p.read_text() for p in (run_dir / "submitit").rglob("*_0_log.*"))
+    assert not [p for p in (run_dir / "submitit").iterdir() if p.is_dir()]  # no stray "%j/" folder
     assert "this job is preempted" in logs and "Requeued job" in logs
     assert "resumed from" in logs
     assert "rank 0/2" in logs and "mesh (2,)" in logs

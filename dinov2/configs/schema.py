@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
+from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 from .choices import (
-    ActivationCheckpointing, Arch, AttentionBackend, Centering, CropPipeline, DistBackend, FfnLayer, Launcher, Precision,
-    ScalingRule,
+    ActivationCheckpointing, Arch, AttentionBackend, Centering, CropPipeline, DistBackend, DistillationHeads, FfnLayer,
+    Launcher, Precision, ScalingRule,
 )
 from .ranges import option, ranged
 
@@ -113,11 +115,11 @@ class CropsConfig:
     )
     solarize_p: float = ranged(0.2, **PROBABILITY, doc="probability of solarizing the second global crop")
     mean: List[float] = ranged(
-        [0.485, 0.456, 0.406], **PROBABILITY, min_length=1,
+        list(IMAGENET_MEAN), **PROBABILITY, min_length=1,
         doc="per-channel mean of pixels in [0, 1], one per student.in_chans",
     )
     std: List[float] = ranged(
-        [0.229, 0.224, 0.225], gt=0.0, min_length=1,
+        list(IMAGENET_STD), gt=0.0, min_length=1,
         doc="per-channel std of pixels in [0, 1], one per student.in_chans",
     )
     pipeline: CropPipeline = option(
@@ -158,11 +160,32 @@ class TrainConfig:
     # (an error if that does not divide), so one recipe keeps its global batch on any world size.
     global_batch_size: Optional[int] = ranged(
         None, ge=1, doc="images per optimizer step over all processes (null: batch_size_per_gpu x world x accum)")
+    # A run directory or a checkpoint directory: student, teacher, heads and loss centers are loaded (position
+    # embeddings resampled to this run's grid); optimizer, step and data position start afresh. A checkpoint of
+    # this run's own output directory takes precedence (a requeued job resumes). See dinov2/train/init_from.py.
+    init_from: str = option(
+        "", doc="start from another run's model (RUN_DIR or a checkpoint dir), fresh optimizer and step counter")
+    freeze_backbone_steps: int = ranged(
+        0, ge=0, doc="head warm-up: the first steps train only the heads (backbone frozen; teacher follows by EMA)")
+
+
+@dataclass
+class HighResConfig:
+    """The last ``steps`` steps at a higher resolution (DINOv2: the final 10k iterations at 518 px); the
+    schedules continue by step through the phase (see dinov2/train/phases.py)."""
+
+    steps: int = ranged(0, ge=0, doc="final steps trained at the high resolution (0 = no high-resolution phase)")
+    global_crops_size: int = ranged(518, ge=1, doc="side of the global crops in the phase (a multiple of the patch)")
+    local_crops_size: Optional[int] = ranged(
+        None, ge=1, doc="side of the local crops in the phase (null = crops.local_crops_size)")
+    batch_size_per_gpu: Optional[int] = ranged(
+        None, ge=1, doc="images per process per micro-batch in the phase (null = train's; memory grows with size^2)")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = option("mnist_demo", doc="training images: mnist_demo | folder:PATH | manifest:PATH | npy:PATH")
+    dataset: str = option(
+        "mnist_demo", doc="training images: mnist[:train] | folder:PATH | manifest:PATH | npy:PATH (data/spec.py)")
     num_workers: int = ranged(
         -1, ge=-1, doc="data-loading worker processes per rank (0 = in the training process; -1 = the CPU cores "
                        "this process may use, shared by the LOCAL_WORLD_SIZE ranks of the machine, less one)")
@@ -216,7 +239,7 @@ class EvaluationConfig:
     """kNN of the teacher's class token on a labelled set during training (dinov2-eval's maths)."""
 
     knn_every_n_steps: int = ranged(0, ge=0, doc="kNN of the teacher every this many steps; 0 disables it")
-    dataset: str = option("", doc="labelled set: mnist | a class-per-folder directory | images.npy")
+    dataset: str = option("", doc="labelled set: mnist[:held_out] | folder:PATH (a sub-folder per class) | npy:PATH")
     labels: str = option("", doc="labels .npy for an images .npy")
     val_fraction: float = ranged(0.2, gt=0.0, lt=1.0, doc="stratified fraction held out as kNN queries")
     img_size: Optional[int] = ranged(None, ge=1, doc="evaluation image size (null = crops.global_crops_size)")
@@ -245,6 +268,20 @@ class DistributedConfig:
 
 
 @dataclass
+class DistillationConfig:
+    """Distillation of a frozen teacher into the student (dinov2/train/distillation.py): no teacher EMA, no
+    masking, no stochastic depth, iBOT on every patch of both global crops, a student EMA as the final model."""
+
+    teacher: str = option(
+        "", doc="frozen teacher: a run directory of ours, an exported backbone file, or a hub name ('' = off)")
+    teacher_weights: str = option("LVD142M", doc="weights of a hub-name teacher: LVD142M, a file or a URL")
+    heads: DistillationHeads = option(
+        DistillationHeads.auto, doc="teacher heads: auto (a run's own, else kmeans), trained, kmeans, random")
+    kmeans_images: int = ranged(4096, ge=1, doc="training images whose teacher features fit the k-means heads")
+    kmeans_iterations: int = ranged(20, ge=1, doc="k-means iterations of the teacher heads")
+
+
+@dataclass
 class SSLConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -253,9 +290,11 @@ class SSLConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    high_res: HighResConfig = field(default_factory=HighResConfig)
     data: DataConfig = field(default_factory=DataConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "loss_curve.png")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "loss_curve.png", "knn_curve.png",
+             "monitors.png", "trackers.json")
 ARCHIVE_DIR = "previous_runs"
 
 

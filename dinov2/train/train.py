@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dinov2.checkpoint import (
     CheckpointManager, CheckpointReadError, CheckpointSaveError, UnsafeCheckpointError, read_metadata,
@@ -55,11 +55,14 @@ from dinov2.train.health import CollapseWatch
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
 from dinov2.train.distillation import fit_teacher_heads
-from dinov2.train.preflight import preflight_cli
+from dinov2.train.preflight import log_plan_warnings, preflight_cli
 from dinov2.train.summary import run_summary
 from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
 from dinov2.train.run_dir import RunDirectoryBusyError, RunLock, archive_previous_run
 from dinov2.train.run_plan import with_epoch_length
+from dinov2.train.head_warmup import backbone_frozen, drop_backbone_grads, drop_unsaved_optimizer_state
+from dinov2.train.init_from import init_model_from
+from dinov2.train.phases import PhasedBatches, plan_phases
 from dinov2.train.schedules import build_schedules
 from dinov2.train.signals import StopOnSignal, TrainingInterrupted
 
@@ -138,8 +141,11 @@ class Trainer:
         self.cfg = cfg = with_epoch_length(cfg, len(self.dataset), self.global_batch_size)  # auto: one pass
         self.schedules = build_schedules(cfg, self.global_batch_size)
         self.total_steps = cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+        self.phases = plan_phases(cfg, self.total_steps)  # high_res.*: checked before any training
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        if env.is_main:  # what --dry-run warns about (thousands of passes over a tiny set...), said here too
+            log_plan_warnings(cfg, len(self.dataset), self.world_size, self.device)
 
         groups = build_param_groups(
             self.model.student.named_parameters(), depth=self.model.student.backbone.n_blocks,
@@ -172,6 +178,8 @@ class Trainer:
         )
         if resume:
             self._resume()
+        if cfg.train.init_from and self.step == 0:  # a run that has its own checkpoint resumes from it instead
+            init_model_from(self.model, cfg.train.init_from, process_group=env.process_group)
         if self.step == 0:  # distillation from a backbone without heads: fit them (checkpointed, so once)
             fit_teacher_heads(self.model, cfg, self.dataset, env)
 
@@ -215,10 +223,12 @@ class Trainer:
         own_rng = f"rng.{rank_key(self.rank)}.torch" in saved
         if not own_rng:
             del state["rng"]
+        unsaved = drop_unsaved_optimizer_state(state["optimizer"], saved)  # parameters frozen when it was written
         if "progress.skipped_files" not in saved:  # written before the count was checkpointed
             del state["progress"]["skipped_files"]
         self.checkpoints.load(state, path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=not unsaved))  # model keys were checked by checkpoints.load
         self.step = int(state["progress"]["step"])
         self.data_position = int(state["progress"]["data_position"])
         self.nonfinite_steps = int(state["progress"]["nonfinite_steps"])
@@ -306,6 +316,8 @@ class Trainer:
             self.scaler.scale(loss / len(micro_batches)).backward()
             for key, value in micro_logs.items():
                 logs[key] = logs.get(key, 0.0) + value / len(micro_batches)
+        if backbone_frozen(self.step, self.cfg.train.freeze_backbone_steps):  # head warm-up
+            drop_backbone_grads(self.model.student)
         self.scaler.unscale_(self.optimizer)
         norms = self._clip_gradients()
         logs.update(norms)
@@ -402,10 +414,10 @@ class Trainer:
         if self.step >= self.total_steps:
             logger.info("nothing to do: step %d >= total %d", self.step, self.total_steps)
             return {"step": self.step}
-        loader = build_train_loader(cfg, self.dataset, start=self.data_position, rank=self.rank,
-                                    world_size=self.world_size)
-        loader.skipped_files = self.skipped_files  # one set: the loader adds to it, checkpoints save it
-        batches = iter(loader)
+        # The loader of each step's phase (rebuilt at the high-resolution switch, at the same stream position).
+        loader = PhasedBatches(self.phases, cfg, lambda phase_cfg, start: build_train_loader(
+            phase_cfg, self.dataset, start=start, rank=self.rank, world_size=self.world_size),
+            start=self.data_position, skipped_files=self.skipped_files)  # one set: checkpoints save it
         progress = None
         if cfg.logging.progress_bar and self.env.is_main:
             from tqdm import tqdm
@@ -414,7 +426,7 @@ class Trainer:
         started, last = time.perf_counter(), {}
         try:
             while self.step < self.total_steps:
-                micro_batches = [next(batches) for _ in range(self.accum_steps)]
+                micro_batches = [loader.next(self.step) for _ in range(self.accum_steps)]
                 self.data_position = loader.position
                 logs = self.train_step(micro_batches)
                 self.step += 1
@@ -427,14 +439,14 @@ class Trainer:
                             last = {k: float(v) for k, v in logs.items()}
                         del last["skipped"]
                         last.update(nonfinite_steps=self.nonfinite_steps, skipped_files=len(self._all_skipped_files()),
-                                    seconds=time.perf_counter() - started)
+                                    seconds=time.perf_counter() - started, **self.phases.at(self.step - 1).log_values())
                         self.metrics.write(self.step, last)
                         if self.collapse_watch is not None:
                             self.collapse_watch.check(self.step, last)
                         if progress is not None:
                             progress.set_postfix(loss=f"{last['total_loss']:.3f}", lr=f"{last['lr']:.2e}")
                 if self.knn_monitor is not None and self.step % cfg.evaluation.knn_every_n_steps == 0:
-                    knn = self.knn_monitor(self.model.ema_model.backbone)  # the final model (the student's EMA when distilling)
+                    knn = self.knn_monitor(self.model.ema_model.backbone)  # the final model (student EMA if distilling)
                     self.metrics.write(self.step, knn)
                     logger.info("step %d: %s", self.step, knn)
                 if progress is not None:
@@ -449,7 +461,7 @@ class Trainer:
             if progress is not None:
                 progress.close()
             self.metrics.close()
-            del batches
+            loader.close()
         return {"step": self.step, **last}
 
 
