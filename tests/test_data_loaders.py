@@ -125,3 +125,21 @@ def test_creating_and_iterating_does_not_consume_the_global_rng(array_path):
     state = torch.get_rng_state()
     _batches(_loader(array_path), 2)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.timeout(120)
+def test_workers_do_not_hang_after_the_parent_used_opencv_threads(array_path):
+    # Reproduces a deadlock: workers forked from a process whose OpenCV thread pool had run froze in
+    # cv2.setNumThreads (as in the full test suite, where earlier tests use OpenCV).
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        image = np.random.RandomState(0).randint(0, 255, (512, 512, 3)).astype(np.uint8)
+        for _ in range(3):
+            cv2.GaussianBlur(image, (31, 31), 5)  # the pool's threads now exist in this process
+        batches = _batches(_loader(array_path, num_workers=2), 2)
+    finally:
+        cv2.setNumThreads(threads)
+    _assert_same_batch(batches[1], _batches(_loader(array_path, num_workers=0), 2)[1])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Tuple
 
-import cv2
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,12 +25,6 @@ from .ssl_dataset import SSLDataset
 # Tag for the generator DataLoader uses to seed its workers; giving it one keeps
 # DataLoader from drawing from (and so shifting) the trainer's global torch RNG.
 _STREAM_LOADER = 3
-
-
-def _one_core_per_worker(worker_id: int) -> None:
-    """A data worker uses one core: DataLoader already gives it one torch thread; OpenCV's pool
-    (the fast crop pipeline) would otherwise start a thread per core in every worker."""
-    cv2.setNumThreads(1)
 
 
 class SSLDataLoader(DataLoader):
@@ -95,7 +88,9 @@ def make_ssl_data_loader(
         pin_memory = torch.cuda.is_available()
     extra = {}
     if num_workers > 0:
-        extra.update(persistent_workers=True, worker_init_fn=_one_core_per_worker)
+        # No cv2.setNumThreads in the workers: in a child forked from a process whose OpenCV pool
+        # already ran, it deadlocks (tests/test_data_loaders.py reproduces it).
+        extra.update(persistent_workers=True)
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     return SSLDataLoader(

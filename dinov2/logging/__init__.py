@@ -1,3 +1,4 @@
-from .metrics import MetricsWriter, read_metrics
+from .metrics import MetricsWriter
+from .records import read_metrics
 
 __all__ = ["MetricsWriter", "read_metrics"]

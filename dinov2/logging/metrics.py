@@ -16,11 +16,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from .records import METRICS_FILE, _records
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 OPTIM_KEYS = ("lr", "last_layer_lr", "weight_decay", "teacher_momentum", "teacher_temp")
 
 
@@ -36,33 +37,6 @@ def grouped_name(key: str) -> str:
     else:
         group = "monitor"
     return f"{group}/{key}"
-
-
-class MetricsFileError(ValueError):
-    """A metrics file that cannot be read (a damaged line that is not the last one)."""
-
-
-def _records(path: Path) -> Iterator[tuple[str, dict]]:
-    """(line, parsed) for every complete line; a torn last line is dropped with a warning."""
-    with path.open("rb") as f:
-        lines = f.read().split(b"\n")
-    last = len(lines) - 1
-    while last >= 0 and not lines[last].strip():
-        last -= 1
-    for number, raw in enumerate(lines[: last + 1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or "step" not in record:
-                raise ValueError("not a metrics record")
-        except ValueError as error:
-            if number == last + 1:
-                logger.warning("%s: dropping a torn last line (%d bytes; the run was killed while writing it)",
-                               path, len(raw))
-                return
-            raise MetricsFileError(f"{path} line {number} is damaged ({error}): {raw[:80]!r}") from None
-        yield raw.decode(), record
 
 
 class MetricsWriter:
@@ -144,8 +118,3 @@ class MetricsWriter:
             except Exception as error:  # noqa: BLE001 - a plot never fails a run; the metrics are on disk
                 logger.warning("could not draw the plots of %s: %s (dinov2-plot %s retries)", self.path.parent,
                                error, self.path.parent)
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    """Every logged record of a run (a torn last line is dropped with a warning)."""
-    return [record for _, record in _records(Path(output_dir) / METRICS_FILE)]

@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from .metrics import MetricsFileError, read_metrics
+from .records import MetricsFileError, read_metrics
 
 CURVES = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
 MONITORS = ("teacher_entropy", "teacher_batch_entropy")

@@ -104,10 +104,9 @@ def log_plan_warnings(cfg, num_images: int, world_size: int, device: torch.devic
     return warnings
 
 
-def time_steps(cfg, steps: int) -> float:
+def time_steps(cfg, steps: int, trainer_class) -> float:
     """Median seconds of ``steps`` training steps (after one untimed warm-up step), data loading included,
-    run in a temporary directory."""
-    from dinov2.train.train import Trainer  # the real step, not a model of it
+    run in a temporary directory by ``trainer_class`` (the real Trainer: the real step, not a model of it)."""
 
     cfg = copy.deepcopy(cfg)
     cfg.logging.tensorboard = False
@@ -116,7 +115,7 @@ def time_steps(cfg, steps: int) -> float:
     cfg.logging.plots = False
     cfg.evaluation.knn_every_n_steps = 0
     with tempfile.TemporaryDirectory(prefix="dinov2-dry-run-") as scratch:
-        trainer = Trainer(cfg, scratch, resume=False)
+        trainer = trainer_class(cfg, scratch, resume=False)
         try:
             loader = build_train_loader(cfg, trainer.dataset, start=0)
             batches = iter(loader)
@@ -134,7 +133,7 @@ def time_steps(cfg, steps: int) -> float:
     return statistics.median(samples)
 
 
-def preflight(cfg, output_dir: str | Path | None, *, timed_steps: int = 3) -> Preflight:
+def preflight(cfg, output_dir: str | Path | None, *, timed_steps: int = 3, trainer_class=None) -> Preflight:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dataset = build_dataset(cfg.data.dataset, cfg.student.in_chans)
     plan = plan_run(cfg, len(dataset), world_size)
@@ -145,9 +144,9 @@ def preflight(cfg, output_dir: str | Path | None, *, timed_steps: int = 3) -> Pr
         resume_step=_resume_step(Path(output_dir)) if output_dir else 0,
         warnings=plan_warnings(cfg, plan, device),
     )
-    if timed_steps > 0 and world_size == 1:
+    if timed_steps > 0 and world_size == 1 and trainer_class is not None:
         with intra_op_threads(cfg.compute.num_threads):  # as dinov2-train runs
-            report.step_seconds = time_steps(cfg, timed_steps)
+            report.step_seconds = time_steps(cfg, timed_steps, trainer_class)
     return report
 
 
@@ -188,12 +187,13 @@ def format_preflight(report: Preflight, output_dir: str | Path | None) -> str:
 
 
 def preflight_cli(cfg, output_dir: str | Path | None, *, print_config: bool = False, dry_run: bool = True,
-                  timed_steps: int = 3) -> int:
+                  timed_steps: int = 3, trainer_class=None) -> int:
     """``--print-config`` and/or ``--dry-run``: print, return the exit status (0)."""
     if print_config:
         from dinov2.configs.reference import format_config
 
         print(format_config(cfg), flush=True)
     if dry_run:
-        print(format_preflight(preflight(cfg, output_dir, timed_steps=timed_steps), output_dir), flush=True)
+        report = preflight(cfg, output_dir, timed_steps=timed_steps, trainer_class=trainer_class)
+        print(format_preflight(report, output_dir), flush=True)
     return 0

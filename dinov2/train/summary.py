@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from dinov2.checkpoint import CheckpointManager
-from dinov2.logging.metrics import METRICS_FILE, read_metrics
+from dinov2.logging.records import METRICS_FILE, read_metrics
 
 LOSSES = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
 KNN_PREFIX = "knn_top1_k"

@@ -68,6 +68,7 @@ from dinov2.train.signals import StopOnSignal, TrainingInterrupted
 
 logger = logging.getLogger("dinov2.train")
 
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -510,7 +511,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config or args.dry_run:
             return preflight_cli(cfg, args.output_dir, print_config=args.print_config, dry_run=args.dry_run,
-                                 timed_steps=args.dry_run_steps)
+                                 timed_steps=args.dry_run_steps, trainer_class=Trainer)
         result, env = run(cfg, args.output_dir, resume=not args.no_resume)
     except TrainingInterrupted as stopped:
         print(f"dinov2-train: {stopped}", file=sys.stderr)
