@@ -141,14 +141,15 @@ def fault_disk_full(work: Path, reference) -> dict:
 
 
 def fault_two_runs(work: Path, reference) -> dict:
+    # Both started at once: whichever takes the run directory first trains, the other must be refused
+    # (started one after the other, the first may finish before the second even looks).
     run = work / "two_runs"
-    first = train(run)
-    wait_for_steps(run, first, 1)
-    second = train(run)
-    code2, err2 = finish(second)
-    code1, err1 = finish(first)
-    return {"fault": "second run in the same directory", "rc_second": code2, "clear_error": "in use by" in err2,
-            "nothing_lost": code1 == 0 and code2 == 2 and same(run, reference), "traceback": "Traceback" in err1 + err2}
+    runs = [train(run), train(run)]
+    (code_a, err_a), (code_b, err_b) = finish(runs[0]), finish(runs[1])
+    (winner_code, _), (loser_code, loser_err) = sorted([(code_a, err_a), (code_b, err_b)], key=lambda r: r[0])
+    refused = loser_code == 2 and "in use by" in loser_err
+    return {"fault": "second run in the same directory", "rcs": [code_a, code_b], "clear_error": refused,
+            "nothing_lost": winner_code == 0 and refused and same(run, reference), "traceback": "Traceback" in err_a + err_b}
 
 
 def fault_no_resume(work: Path, reference) -> dict:
@@ -221,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 kills, no bad inputs (a smoke run)")
     parser.add_argument("--output", default=str(RESULTS / "fault_campaign"), help="results path without suffix")
+    parser.add_argument("--only", default=None, help="run only the fault cases whose name contains this (no kills, "
+                        "no bad inputs)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     faults, bad = [], []
@@ -232,20 +235,25 @@ def main(argv=None) -> int:
             print(err, file=sys.stderr)
             return 1
         reference = outcome(work / "reference")
-        for i in range(2 if args.quick else args.kills):
+        for i in range(0 if args.only else 2 if args.quick else args.kills):
             faults.append(fault_kill9(work, reference, rng, i))
             print(faults[-1], flush=True)
         if not args.quick:
-            cases = [lambda: fault_signal(work, reference, signal.SIGTERM),
-                     lambda: fault_signal(work, reference, signal.SIGINT),
-                     *[lambda how=how: fault_damaged(work, reference, how)
-                       for how in ("truncated shard", "deleted shard", "truncated metadata")],
-                     lambda: fault_disk_full(work, reference), lambda: fault_two_runs(work, reference),
-                     lambda: fault_no_resume(work, reference)]
-            for case in cases:
+            cases = {
+                "SIGTERM": lambda: fault_signal(work, reference, signal.SIGTERM),
+                "SIGINT": lambda: fault_signal(work, reference, signal.SIGINT),
+                **{f"damaged checkpoint: {how}": (lambda how=how: fault_damaged(work, reference, how))
+                   for how in ("truncated shard", "deleted shard", "truncated metadata")},
+                "disk full during a save": lambda: fault_disk_full(work, reference),
+                "second run in the same directory": lambda: fault_two_runs(work, reference),
+                "--no-resume over an old run": lambda: fault_no_resume(work, reference),
+            }
+            for name, case in cases.items():
+                if args.only and args.only not in name:
+                    continue
                 faults.append(case())
                 print(faults[-1], flush=True)
-            for name, command, succeed in bad_inputs(work):
+            for name, command, succeed in ([] if args.only else bad_inputs(work)):
                 bad.append(run_bad(name, command, succeed))
                 print(bad[-1], flush=True)
         shutil.rmtree(work, ignore_errors=True)
