@@ -22,9 +22,10 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from dinov2.compute import DTYPES
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Entry points of the backbone besides forward() that evaluation code may call on a sharded
 # teacher; FSDP must gather parameters around them too.
 _BACKBONE_METHODS = ("forward_features", "get_intermediate_layers")

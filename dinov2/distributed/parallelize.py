@@ -32,12 +32,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from dinov2.compute import DTYPES
 from dinov2.configs import ConfigError
 from dinov2.layers.attention_backends import varlen_available
 from dinov2.layers.initialization import InitStep
 from dinov2.loss.centering import TeacherCentering
 
-from .fsdp import DTYPES, shard_ssl_model
+from .fsdp import shard_ssl_model
 
 logger = logging.getLogger(__name__)
 
