@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from dinov2.compute import intra_op_threads
+
 # Two cores: keep intra-op threads bounded so parallel test processes do not thrash.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -23,3 +25,11 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     return module
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-image tests (thread start-up dominates; the machine is
+    shared): ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    with intra_op_threads(1):
+        yield

@@ -14,12 +14,7 @@ GLOBAL, LOCAL, PATCH = 16, 8, 4
 N_TOKENS = (GLOBAL // PATCH) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

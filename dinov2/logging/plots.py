@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .records import MetricsFileError, read_metrics
 
@@ -17,13 +19,19 @@ MONITORS = ("teacher_entropy", "teacher_batch_entropy")
 KNN_PREFIX = "knn_top1_"
 
 
-def _pyplot():
+@contextmanager
+def _axes() -> Iterator:
+    """``(fig, ax)`` of one 7x4 in figure on the Agg backend, closed afterwards."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    try:
+        yield fig, ax
+    finally:
+        plt.close(fig)
 
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
@@ -50,16 +58,12 @@ def plot_loss_curve(run_dir: str | Path, out_path: str | Path) -> Path:
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir} has no metrics to plot")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
+    with _axes() as (fig, ax):
         for key in CURVES:
             steps, values = _series(rows, key)
             if steps:
                 ax.plot(steps, values, label=key, linewidth=2 if key == "total_loss" else 1)
         return _save(fig, ax, "DINOv2 training losses", "loss", out_path)
-    finally:
-        plt.close(fig)
 
 
 def knn_keys(rows: list[dict]) -> list[str]:
@@ -71,15 +75,11 @@ def plot_knn_curve(run_dir: str | Path, out_path: str | Path) -> Path:
     keys = knn_keys(rows)
     if not keys:
         raise ValueError(f"{run_dir} has no kNN metrics to plot (evaluation.knn_every_n_steps was 0)")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
+    with _axes() as (fig, ax):
         for key in keys:
             steps, values = _series(rows, key)
             ax.plot(steps, values, marker="o", label=key.removeprefix(KNN_PREFIX))
         return _save(fig, ax, "kNN top-1 of the teacher on the labelled hold-out", "top-1 %", out_path)
-    finally:
-        plt.close(fig)
 
 
 def plot_monitors(run_dir: str | Path, out_path: str | Path, n_prototypes: int | None = None) -> Path:
@@ -87,9 +87,7 @@ def plot_monitors(run_dir: str | Path, out_path: str | Path, n_prototypes: int |
     rows = read_metrics(run_dir)
     if not any(key in row for row in rows for key in MONITORS):
         raise ValueError(f"{run_dir} has no collapse monitors to plot")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    try:
+    with _axes() as (fig, ax):
         for key in MONITORS:
             steps, values = _series(rows, key)
             if steps:
@@ -106,8 +104,6 @@ def plot_monitors(run_dir: str | Path, out_path: str | Path, n_prototypes: int |
             right.set_ylim(bottom=0)
             extra.append(right)
         return _save(fig, ax, "Collapse monitors", "entropy (nats)", out_path, extra)
-    finally:
-        plt.close(fig)
 
 
 def _n_prototypes(run_dir: Path) -> int | None:
