@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import time_call, write_results
-from dinov2.eval.data import ArrayImageDataset, eval_transform
+from dinov2.data import NumpyArrayDataset
+from dinov2.eval.data import eval_transform
 from dinov2.eval.features import embed_batch, extract_features
 from dinov2.hub.backbones import load_backbone
 
@@ -68,8 +69,8 @@ def main(argv=None) -> None:
             rng = np.random.default_rng(0)
             # Source images a bit larger than the crop, as real photos would be resized down.
             side = int(args.img_size * 1.25)
-            images = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-            ds = ArrayImageDataset(images, np.zeros(n, dtype=np.int64), eval_transform(args.img_size))
+            images = rng.integers(0, 256, (n, 3, side, side), dtype=np.uint8)
+            ds = NumpyArrayDataset(images, np.zeros(n, dtype=np.int64), transform=eval_transform(args.img_size))
             start = time.perf_counter()
             extract_features(model, ds, batch_size=bs, autocast_dtype=dtype, progress=False)
             if device.type == "cuda":

@@ -38,7 +38,7 @@ RUN = [
     "train.batch_size_per_gpu=8", "data.num_workers=0", "evaluation.knn_every_n_steps=0", "logging.every_n_steps=1",
     "logging.tensorboard=false", "logging.progress_bar=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2",
 ]
-TRAIN = [sys.executable, "-m", "dinov2.train.train"]
+TRAIN = [sys.executable, "-m", "dinov2.cli.train"]
 LIMIT_S = 300
 
 
@@ -193,13 +193,13 @@ def bad_inputs(work: Path) -> list[tuple[str, list[str], bool]]:
         ("config crops.local_crops_number=0 (legal)", base + ["crops.local_crops_number=0"], True),
         ("broken YAML file", [*TRAIN, "--output-dir", out, "--config", str(broken_yaml)], False),
         ("missing config file", [*TRAIN, "--output-dir", out, "--config", str(work / "nope.yaml")], False),
-        ("export: a directory as the target", [sys.executable, "-m", "dinov2.checkpoint.export",
+        ("export: a directory as the target", [sys.executable, "-m", "dinov2.cli.export",
                                                str(work / "reference"), str(work)], False),
-        ("export: an unknown suffix", [sys.executable, "-m", "dinov2.checkpoint.export", str(work / "reference"),
+        ("export: an unknown suffix", [sys.executable, "-m", "dinov2.cli.export", str(work / "reference"),
                                        str(work / "backbone.xyz")], False),
-        ("export: corrupt checkpoint", [sys.executable, "-m", "dinov2.checkpoint.export", str(corrupt_ckpt),
+        ("export: corrupt checkpoint", [sys.executable, "-m", "dinov2.cli.export", str(corrupt_ckpt),
                                         str(work / "b.pth")], False),
-        ("eval: missing backbone file", [sys.executable, "-m", "dinov2.eval.cli", "knn", "--backbone-file",
+        ("eval: missing backbone file", [sys.executable, "-m", "dinov2.cli.eval", "knn", "--backbone-file",
                                          str(work / "missing.pth"), "--data", "mnist"], False),
     ]
     return cases

@@ -49,7 +49,7 @@ class LaunchOptions:
         self.slurm_extras()
 
     def slurm_extras(self) -> dict:
-        from launchers.submit import slurm_options  # the project's one parser of --slurm KEY=VALUE
+        from dinov2.cli.submit import slurm_options  # the project's one parser of --slurm KEY=VALUE
 
         try:
             return slurm_options(list(self.slurm))

@@ -21,6 +21,7 @@ STREAM_EPOCH = 0
 STREAM_AUGMENT = 1
 STREAM_MASK = 2
 STREAM_MASK_SHAPE = 4  # one iBOT mask of a global batch (3 is the DataLoader's worker seeding)
+STREAM_TEACHER_PATCHES = 5  # the patch tokens of image p a distillation teacher's k-means heads are fitted on
 
 RNGLike = Union[np.random.Generator, random.Random]
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from chunked_keys import chunk_block_keys
 from conftest import randomize_
+from dinov2.hub.filters import backbone_filter_fn
 from dinov2.models.pos_embed import resample_patch_pos_embed
 from dinov2.models.vision_transformer import DinoVisionTransformer, vit_base, vit_giant2, vit_large, vit_small
 
@@ -33,7 +35,7 @@ def manual_forward(model, x, masks=None):
     if model.register_tokens is not None:
         tokens = torch.cat([tokens[:, :1], model.register_tokens.expand(b, -1, -1), tokens[:, 1:]], dim=1)
     per_block = []
-    for block in model.block_list():
+    for block in model.blocks:
         tokens = block(tokens)
         per_block.append(tokens)
     return tokens, per_block
@@ -121,22 +123,29 @@ def test_intermediate_layers_out_of_range(tiny_vit_kwargs):
         tiny(tiny_vit_kwargs).get_intermediate_layers(torch.randn(1, 3, 56, 56), n=[3])
 
 
-def test_block_chunks_keys_and_equivalence(tiny_vit_kwargs):
-    flat = tiny(tiny_vit_kwargs, depth=4, block_chunks=0)
-    chunked = DinoVisionTransformer(**{**tiny_vit_kwargs, "depth": 4, "block_chunks": 2}).eval()
-    keys = set(chunked.state_dict())
-    assert "blocks.0.1.attn.qkv.weight" in keys and "blocks.1.2.attn.qkv.weight" in keys
-    assert "blocks.1.0.attn.qkv.weight" not in keys
-    renamed = {}
-    for key, value in flat.state_dict().items():
-        if key.startswith("blocks."):
-            _, index, rest = key.split(".", 2)
-            key = f"blocks.{int(index) // 2}.{index}.{rest}"
-        renamed[key] = value
-    chunked.load_state_dict(renamed, strict=True)
+def test_block_chunks_keep_flat_keys_and_official_chunked_weights_load(tiny_vit_kwargs):
+    """``block_chunks`` (an FSDP grouping only) changes no key; the weights of an official model built with
+    ``block_chunks=2`` (keys ``blocks.{chunk}.{i}``) load into the flat model through the filter and give
+    the same outputs."""
+    flat = tiny(tiny_vit_kwargs, depth=4)
+    grouped = DinoVisionTransformer(**{**tiny_vit_kwargs, "depth": 4, "block_chunks": 2}).eval()
+    assert list(grouped.state_dict()) == list(flat.state_dict())
+    assert "blocks.3.attn.qkv.weight" in grouped.state_dict() and grouped.block_chunks == 2
+    official = chunk_block_keys(flat.state_dict(), chunks=2, depth=4)
+    assert "blocks.0.1.attn.qkv.weight" in official and "blocks.1.2.attn.qkv.weight" in official
+    with pytest.raises(RuntimeError, match="blocks.1.2.attn.qkv.weight"):
+        grouped.load_state_dict(official)  # not as it is
+    grouped.load_state_dict(backbone_filter_fn(official, grouped), strict=True)
     x = torch.randn(1, 3, 56, 56)
-    torch.testing.assert_close(chunked(x), flat(x))
-    torch.testing.assert_close(chunked.get_intermediate_layers(x, n=[1, 3])[0], flat.get_intermediate_layers(x, n=[1, 3])[0])
+    assert torch.equal(grouped(x), flat(x))
+    for got, want in zip(grouped.get_intermediate_layers(x, n=[1, 3]), flat.get_intermediate_layers(x, n=[1, 3])):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("block_chunks", [-1, 3])
+def test_block_chunks_must_divide_depth(tiny_vit_kwargs, block_chunks):
+    with pytest.raises(ValueError, match=f"block_chunks={block_chunks} must be 0 or divide depth=4"):
+        DinoVisionTransformer(**{**tiny_vit_kwargs, "depth": 4, "block_chunks": block_chunks})
 
 
 RELEASED_SHAPES = {  # from the released *_pretrain.pth checkpoints (img_size 518, patch 14)

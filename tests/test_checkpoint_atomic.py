@@ -10,7 +10,8 @@ import torch
 
 from dinov2.checkpoint import CheckpointManager, CheckpointMismatchError
 from dinov2.configs import load_config
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
 from gloo_ranks import DIST_TINY, fork_process, write_dataset
 
 SINGLE = [x for x in DIST_TINY if not x.startswith("distributed.launcher")] + ["distributed.launcher=single"]

@@ -108,6 +108,16 @@ def test_config_is_strict_and_suggests_the_closest_key(tmp_path):
         load_config(None, ["self_dedup.k=many"])
     with pytest.raises(CurationInputError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    # The training config's loader: ranges next to the keys, YAML errors with file and line.
+    with pytest.raises(CurationInputError, match=r"self_dedup.threshold=1.5 is out of range: must be in \[-1, 1\]"):
+        load_config("default", ["self_dedup.threshold=1.5"])
+    with pytest.raises(CurationInputError, match=r"embed.batch_size=0 is out of range: must be >= 1"):
+        load_config(None, ["embed.batch_size=0"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kmeans:\n  clusters: [4, 2\n")
+    with pytest.raises(CurationInputError, match=rf"invalid YAML in {broken} at line 3"):
+        load_config(broken)
+    cfg.index.factory = "HNSW32"  # a loaded config stays editable (IndexOptions is a frozen dataclass)
 
 
 def test_run_from_config_is_idempotent(pool_dir, capsys):

@@ -187,6 +187,18 @@ def test_numpy_array_dataset_shapes_dtypes_and_memory_map(tmp_path):
     assert target == 3 and NumpyArrayDataset(str(tmp_path / "gray.npy"))[0][1] == -1
 
 
+def test_numpy_array_dataset_in_memory_with_transform_and_classes():
+    """The one array dataset also serves arrays in memory (eval sets, MNIST): items transformed, label names,
+    and pickled whole (there is no file for a worker to reopen)."""
+    images = np.random.RandomState(1).randint(0, 256, (4, 3, 5, 6)).astype(np.uint8)
+    ds = NumpyArrayDataset(images, labels=np.array([0, 2, 1, 2]), transform=lambda x: x.float().sum())
+    assert len(ds) == 4 and ds.classes == ["0", "1", "2"] and ds.describe(1) == "image array[1]"
+    value, target = ds[1]
+    assert target == 2 and float(value) == float(images[1].astype(np.float64).sum())
+    plain = NumpyArrayDataset(images)
+    assert plain.classes == [] and torch.equal(pickle.loads(pickle.dumps(plain))[3][0], torch.from_numpy(images[3]))
+
+
 def test_numpy_array_dataset_rejects_bad_arrays(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 5)))
     with pytest.raises(ValueError, match="N, C, H, W"):

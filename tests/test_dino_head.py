@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from dinov2.layers.dino_head import DINOHead
+from dinov2.layers.initialization import run_init_steps
 
 # fork reuses the already imported torch (spawn re-imports it: ~10 s per process on a
 # loaded 2-core machine); the workers run single-threaded, which keeps fork safe on Linux.
@@ -128,11 +129,12 @@ def test_loads_deprecated_weight_g_weight_v_keys():
     torch.testing.assert_close(fresh.last_layer.weight, 2.0 * v / v.norm(dim=1, keepdim=True))
 
 
-def test_meta_device_build_then_init_weights():
+def test_meta_device_build_then_init_steps():
+    """The path of a meta-device training build (dinov2.distributed.parallelize.materialize_)."""
     with torch.device("meta"):
         head = DINOHead(8, 6, hidden_dim=16, bottleneck_dim=4)
     head = head.to_empty(device="cpu")
-    head.init_weights()
+    run_init_steps(head.init_steps())
     assert torch.all(g_and_v(head)[0] == 1)
     assert all(torch.all(lin.bias == 0) for lin in linears(head))
     assert torch.isfinite(head(torch.randn(3, 8))).all()

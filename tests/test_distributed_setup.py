@@ -13,7 +13,8 @@ from dinov2.distributed import (
     DistributedSetupError, LaunchError, build_mesh, init_distributed, read_launch_info, resolve_backend,
     resolve_launcher,
 )
-from dinov2.train.train import Trainer, with_batch_size_per_gpu
+from dinov2.train.run_plan import with_batch_size_per_gpu
+from dinov2.train.train import Trainer
 from gloo_ranks import free_port, run_ranks
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}

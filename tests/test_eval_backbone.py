@@ -2,6 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from chunked_keys import chunk_block_keys
 from dinov2.eval.backbone import BackboneError, infer_backbone_config, resolve_backbone
 from dinov2.models.vision_transformer import DinoVisionTransformer, vit_small
 
@@ -98,9 +99,10 @@ def test_non_standard_size_like_the_mnist_demo(tmp_path):
     input channel; here also no qkv bias, MLP ratio 2 and official chunked block keys."""
     torch.manual_seed(0)
     ref = vit_small(patch_size=4, img_size=28, in_chans=1, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2,
-                    qkv_bias=False, init_values=0.1, block_chunks=2).eval()
-    assert any(k.startswith("blocks.1.1.") for k in ref.state_dict())  # chunked: blocks.{chunk}.{i}
-    torch.save(ref.state_dict(), tmp_path / "demo.pth")
+                    qkv_bias=False, init_values=0.1).eval()
+    official = chunk_block_keys(ref.state_dict(), chunks=2, depth=2)
+    assert any(k.startswith("blocks.1.1.") for k in official)  # chunked: blocks.{chunk}.{i}
+    torch.save(official, tmp_path / "demo.pth")
     path = str(tmp_path / "demo.pth")
     model = resolve_backbone(backbone_file=path, arch="vit_small", embed_dim=64, depth=2, num_heads=4)
     x = torch.randn(3, 1, 28, 28)

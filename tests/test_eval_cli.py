@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from dinov2.eval import evaluate_knn, knn_classify
-from dinov2.eval.cli import build_parser, main
+from dinov2.cli.eval import build_parser, main
 from dinov2.models.vision_transformer import DinoVisionTransformer, vit_small
 
 

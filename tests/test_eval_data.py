@@ -71,17 +71,24 @@ def test_npy_layouts_give_the_same_pixels(tmp_path, shape, layout):
     np.save(tmp_path / "x.npy", arr)
     np.save(tmp_path / "y.npy", np.arange(5) % 2)
     ds = load_dataset(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))
-    img, label = ds[3]
+    img, label = ds[3]  # the training npy: layout, uint8 channels first (dinov2.data.NumpyArrayDataset)
     expected = gray[3] if layout in ("gray", "hw1") else rgb[3]
-    np.testing.assert_array_equal(np.asarray(img), expected)
+    assert img.dtype == torch.uint8 and img.ndim == 3
+    np.testing.assert_array_equal(img.numpy() if img.shape[0] == 3 else img[0].numpy(),
+                                  expected.transpose(2, 0, 1) if expected.ndim == 3 else expected)
     assert label == 1 and dataset_labels(ds).tolist() == [0, 1, 0, 1, 0]
+    # Through the eval preprocessing: exactly what the PIL image of the same pixels gives.
+    channels = 1 if layout in ("gray", "hw1") else 3
+    tf = eval_transform(8, 1.0, mean=[0.5] * channels, std=[0.25] * channels, channels=channels)
+    ds = load_dataset(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), transform=tf)
+    torch.testing.assert_close(ds[3][0], tf(Image.fromarray(expected)), rtol=0, atol=0)
 
 
 def test_npy_float_images_in_unit_range(tmp_path):
     np.save(tmp_path / "x.npy", np.full((2, 4, 4), 0.5, dtype=np.float32))
     np.save(tmp_path / "y.npy", np.array([0, 1]))
     img, _ = load_dataset(str(tmp_path / "x.npy"), str(tmp_path / "y.npy"))[0]
-    assert np.asarray(img).max() == 128
+    assert img.dtype == torch.uint8 and int(img.max()) == 128
     np.save(tmp_path / "bad.npy", np.full((2, 4, 4), 7.0, dtype=np.float32))
     with pytest.raises(DataError, match=r"float images must lie in \[0, 1\]"):
         load_dataset(str(tmp_path / "bad.npy"), str(tmp_path / "y.npy"))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dinov2.eval.backbone import resolve_backbone
-from dinov2.eval.cli import main
+from dinov2.cli.eval import main
 from dinov2.eval.data import eval_transform
 from dinov2.eval.features import read_paths, write_paths
 from dinov2.models.vision_transformer import vit_small

@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinov2.checkpoint.export import builder_kwargs, export_backbone, main
+from dinov2.checkpoint.export import backbone_state_dict, export_backbone, read_tensors, resolve_checkpoint
+from dinov2.cli.export import main
 from dinov2.configs import load_config
+from dinov2.hub.description import from_config
 from dinov2.hub.weights import load_exact, load_state_dict_from
 from dinov2.models.vision_transformer import vit_small
 from dinov2.train.train import Trainer
+from chunked_keys import chunk_block_keys
 from crafted import write_crafted_metadata
 from gloo_ranks import DIST_TINY, write_dataset
 
@@ -24,7 +27,7 @@ SINGLE = [x for x in DIST_TINY if not x.startswith("distributed.launcher")] + ["
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    # Chunked blocks (keys blocks.{chunk}.{i}) and registers exercise the key conversion.
+    # block_chunks (an FSDP grouping: the keys stay flat) and registers.
     tmp = tmp_path_factory.mktemp("export")
     overrides = SINGLE + [write_dataset(tmp / "images.npy"), "train.max_steps=2", "student.block_chunks=2",
                           "student.num_register_tokens=2"]
@@ -47,11 +50,11 @@ def test_export_round_trip_through_vit_builder_and_torch_hub(trained, tmp_path, 
     teacher = trainer.model.teacher.backbone.eval()
     with torch.no_grad():
         expected = teacher(images)
-        model = vit_small(**builder_kwargs(trainer.cfg)).eval()
+        model = vit_small(**from_config(trainer.cfg).builder_kwargs()).eval()
         load_exact(model, state, str(out))
         torch.testing.assert_close(model(images), expected)
         hub = torch.hub.load(str(REPO), "dinov2_vits14_reg", source="local", weights=str(out),
-                             **builder_kwargs(trainer.cfg)).eval()
+                             **from_config(trainer.cfg).builder_kwargs()).eval()
         torch.testing.assert_close(hub(images), expected)
         torch.testing.assert_close(hub.get_intermediate_layers(images, n=1)[0],
                                    teacher.get_intermediate_layers(images, n=1)[0])
@@ -63,9 +66,30 @@ def test_student_and_safetensors(trained, tmp_path):
     assert info["format"] == "safetensors" and info["which"] == "student"
     state = load_state_dict_from(info["out"])
     student = trainer.model.student.backbone.state_dict()
-    assert torch.equal(state["blocks.0.mlp.fc1.weight"], student["blocks.0.0.mlp.fc1.weight"])
+    assert state.keys() == student.keys()
+    assert torch.equal(state["blocks.0.mlp.fc1.weight"], student["blocks.0.mlp.fc1.weight"])
     teacher = load_state_dict_from(export_backbone(run_dir, tmp_path / "t.pth")["out"])
     assert not torch.equal(state["blocks.0.mlp.fc1.weight"], teacher["blocks.0.mlp.fc1.weight"])  # EMA lags
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, as intended
+def test_checkpoint_with_chunked_block_keys_exports_the_released_layout(trained, tmp_path):
+    """Checkpoints written before the models became flat, with student.block_chunks > 0, name their blocks
+    model.*.backbone.blocks.{chunk}.{i}: export (and everything reading backbones through it) gives blocks.{i}."""
+    import torch.distributed.checkpoint as dcp
+
+    trainer, run_dir = trained
+    prefix = "model.teacher.backbone."
+    tensors = read_tensors(resolve_checkpoint(run_dir), prefix)
+    old = {prefix + k: v for k, v in chunk_block_keys({k[len(prefix):]: v for k, v in tensors.items()}, 2, 2).items()}
+    assert f"{prefix}blocks.1.1.attn.qkv.weight" in old
+    dcp.save(old, checkpoint_id=str(tmp_path / "step_000000002"), no_dist=True)
+    state = backbone_state_dict(tmp_path / "step_000000002")
+    teacher = trainer.model.teacher.backbone.state_dict()
+    assert state.keys() == teacher.keys()
+    assert all(torch.equal(state[k], teacher[k]) for k in teacher)
+    info = export_backbone(tmp_path / "step_000000002", tmp_path / "old.pth", which="teacher")
+    assert load_state_dict_from(info["out"]).keys() == teacher.keys()
 
 
 def test_export_errors_are_clear(trained, tmp_path, capsys):
@@ -153,7 +177,7 @@ def test_read_only_target_directory_in_a_real_process(trained, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    command = [sys.executable, "-m", "dinov2.checkpoint.export", str(run_dir), str(locked / "teacher.pth")]
+    command = [sys.executable, "-m", "dinov2.cli.export", str(run_dir), str(locked / "teacher.pth")]
     if os.geteuid() == 0:
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: cannot make a directory read-only to this process")
@@ -181,7 +205,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_export(trained, tmp_path)
     _, run_dir = trained
     out = tmp_path / "teacher.pth"
     out.write_bytes(b"the previous export")
-    command = [sys.executable, "-m", "dinov2.checkpoint.export", str(run_dir), str(out)]
+    command = [sys.executable, "-m", "dinov2.cli.export", str(run_dir), str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           preexec_fn=_small_file_limit)
     assert done.returncode == 2, done.stderr

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dinov2.checkpoint.export import main as export_main
-from dinov2.eval.cli import main as eval_main
+from dinov2.cli.export import main as export_main
+from dinov2.cli.eval import main as eval_main
 from dinov2.hub.backbones import dinov2_backbone, dinov2_vitb14, dinov2_vits14
 from dinov2.hub.description import DESCRIPTION_KEY, BackboneDescription, DescriptionError, from_config
 from dinov2.hub.weights import WeightsFileError, load_weights, read_weights_file

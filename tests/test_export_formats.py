@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import randomize_
-from dinov2.checkpoint.export import main as export_main
+from dinov2.cli.export import main as export_main
 from dinov2.export.pos_embed import resample_for_export
 from dinov2.hub.description import BackboneDescription
 from dinov2.models.pos_embed import resample_patch_pos_embed

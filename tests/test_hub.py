@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hubconf
+from chunked_keys import chunk_block_keys
 from dinov2.hub.weights import backbone_url, linear_head_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +53,29 @@ def test_reg_variants_use_antialiased_interpolation_without_offset():
     plain = hubconf.dinov2_vits14(pretrained=False, **SMALL)
     assert (reg.num_register_tokens, reg.interpolate_antialias, reg.interpolate_offset) == (4, True, 0.0)
     assert (plain.num_register_tokens, plain.interpolate_antialias, plain.interpolate_offset) == (0, False, 0.1)
-    assert plain.patch_size == 14 and plain.chunked_blocks is False
+    assert plain.patch_size == 14 and plain.block_chunks == 0 and "blocks.1.norm1.weight" in plain.state_dict()
     assert plain.blocks[0].ls1.gamma.detach()[0].item() == 1.0  # init_values 1.0
 
 
-@pytest.mark.parametrize("form", ["path", "file_url", "safetensors"])
+def test_classifier_entries_build_the_released_backbones():
+    """The ``*_lc`` entries share the backbones' released settings: SwiGLU for ViT-g, 4 registers for _reg."""
+    with torch.device("meta"):
+        giant = hubconf.dinov2_vitg14_reg_lc(pretrained=False, img_size=28, depth=1)
+        small = hubconf.dinov2_vits14_lc(pretrained=False, layers=1, **SMALL)
+    assert "blocks.0.mlp.w12.weight" in giant.backbone.state_dict() and giant.backbone.num_register_tokens == 4
+    assert (giant.backbone.interpolate_antialias, giant.backbone.interpolate_offset) == (True, 0.0)
+    assert "blocks.0.mlp.fc1.weight" in small.backbone.state_dict() and small.backbone.num_register_tokens == 0
+
+
+@pytest.mark.parametrize("form", ["path", "file_url", "safetensors", "official_chunked"])
 def test_weights_from_local_file_give_identical_features(tmp_path, form):
+    """Also an official training checkpoint's layout (blocks.{chunk}.{i}): read as the flat blocks.{i}."""
     torch.manual_seed(0)
     source = hubconf.dinov2_vits14_reg(pretrained=False, **SMALL).eval()
-    if form == "safetensors":
+    if form == "official_chunked":
+        path = tmp_path / "w.pth"
+        torch.save(chunk_block_keys(source.state_dict(), chunks=2, depth=2), path)
+    elif form == "safetensors":
         from safetensors.torch import save_file
 
         path = tmp_path / "w.safetensors"

@@ -1,8 +1,9 @@
-"""Loading backbone weights into a model of another block layout or image size: dinov2.hub.filters.
+"""Loading backbone weights of another block layout or image size: dinov2.hub.filters.
 
-Released checkpoints have flat ``blocks.{i}`` keys and a 518-px position embedding; training recipes
-chunk their blocks (``block_chunks > 0``) and train at 224 px. The filter maps one onto the other;
-checked against every shipped recipe (on the meta device: shapes only) and on real values."""
+Released checkpoints and our models have flat ``blocks.{i}`` keys, the released ones a 518-px position
+embedding; official training checkpoints chunk their blocks (``blocks.{chunk}.{i}``) and recipes train at
+224 px. The filter maps the weights onto the model; checked against every shipped recipe (on the meta
+device: shapes only) and on real values."""
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch
 from dinov2.configs import load_config
 from dinov2.configs import CONFIG_DIR
 from dinov2.hub import backbones
-from dinov2.hub.filters import WeightsLayoutError, backbone_filter_fn, block_prefixes, remap_block_keys
+from chunked_keys import chunk_block_keys
+from dinov2.hub.filters import WeightsLayoutError, backbone_filter_fn, flat_block_keys
 from dinov2.models.vision_transformer import build_vit
 from dinov2.state_dicts import key_mismatches
 from dinov2.train.ssl_meta_arch import build_backbone
@@ -25,41 +27,43 @@ def _shapes(state):
 
 @pytest.mark.parametrize("recipe", sorted(f"train/{p.name}" for p in (CONFIG_DIR / "train").glob("*.yaml")))
 def test_released_layout_fits_every_shipped_recipe(recipe):
-    """Flat 518-px weights (the released layout, or a dinov2-export file of the recipe's architecture)
-    load into the recipe's training backbone, chunked or not, after the filter."""
+    """Flat 518-px weights (the released layout, or a dinov2-export file of the recipe's architecture), and
+    the same weights with official chunked keys, load into the recipe's training backbone after the filter."""
     cfg = load_config(recipe)
     with torch.device("meta"):
         model = build_backbone(cfg.student, cfg.crops.global_crops_size, with_drop_path=True)
         if cfg.student.arch in RELEASED and cfg.student.embed_dim is None and cfg.student.patch_size == 14:
             source = RELEASED[cfg.student.arch](pretrained=False, ffn_layer=str(cfg.student.ffn_layer))
         else:  # no released weights: a dinov2-export file of the recipe's architecture (flat keys)
-            source = build_backbone(load_config(recipe, ["student.block_chunks=0"]).student, 518, with_drop_path=False)
+            source = build_backbone(cfg.student, 518, with_drop_path=False)
     state = source.state_dict()
     assert not any(k.count(".") > 2 and k.split(".")[2].isdigit() for k in state)  # flat keys
-    assert key_mismatches(_shapes(model.state_dict()), _shapes(state))  # does not fit as it is
-    filtered = backbone_filter_fn(state, model)
-    assert key_mismatches(_shapes(model.state_dict()), _shapes(filtered)) == []
+    depth = len(source.blocks)
+    for weights in (state, chunk_block_keys(state, 2 if depth % 2 == 0 else 1, depth)):
+        assert key_mismatches(_shapes(model.state_dict()), _shapes(weights))  # does not fit as it is
+        filtered = backbone_filter_fn(weights, model)
+        assert key_mismatches(_shapes(model.state_dict()), _shapes(filtered)) == []
 
 
-def test_block_keys_map_both_ways():
+def test_chunked_block_keys_become_flat():
     flat = {"blocks.0.norm1.weight": 0, "blocks.3.mlp.fc1.bias": 1, "norm.weight": 2, "pos_embed": 3}
-    chunked_model = ["blocks.0.0.norm1.weight", "blocks.0.1.norm1.weight", "blocks.1.2.norm1.weight",
-                     "blocks.1.3.norm1.weight", "norm.weight"]
-    assert block_prefixes(chunked_model) == {0: "blocks.0.0.", 1: "blocks.0.1.", 2: "blocks.1.2.", 3: "blocks.1.3."}
-    chunked = remap_block_keys(flat, chunked_model)
-    assert chunked == {"blocks.0.0.norm1.weight": 0, "blocks.1.3.mlp.fc1.bias": 1, "norm.weight": 2, "pos_embed": 3}
-    assert remap_block_keys(chunked, ["blocks.0.norm1.weight", "blocks.3.norm1.weight"]) == flat
-    # chunks of 2 -> chunks of 1 (4 chunks): the global index decides
-    assert remap_block_keys(chunked, [f"blocks.{i}.{i}.x" for i in range(4)])["blocks.3.3.mlp.fc1.bias"] == 1
+    chunked = {"blocks.0.0.norm1.weight": 0, "blocks.1.3.mlp.fc1.bias": 1, "norm.weight": 2, "pos_embed": 3}
+    assert flat_block_keys(chunked) == flat
+    assert flat_block_keys(flat) == flat
+    # four chunks of one block: the global index decides, not the chunk
+    assert flat_block_keys({f"blocks.{i}.{i}.x": i for i in range(4)}) == {f"blocks.{i}.x": i for i in range(4)}
+    with pytest.raises(ValueError, match="'blocks.3.x'"):  # one block named twice: not one backbone
+        flat_block_keys({"blocks.3.x": 0, "blocks.1.3.x": 1})
 
 
-@pytest.mark.parametrize("source_chunks,target_chunks", [(0, 2), (2, 0), (4, 2)])
-def test_values_survive_a_layout_change(source_chunks, target_chunks):
+@pytest.mark.parametrize("source_chunks", [1, 2, 4])
+def test_values_survive_the_official_chunked_layout(source_chunks):
     kwargs = dict(img_size=56, patch_size=14, embed_dim=32, depth=4, num_heads=2, init_values=0.5)
     torch.manual_seed(0)
-    source = build_vit("vit_small", block_chunks=source_chunks, **kwargs).eval()
-    target = build_vit("vit_small", block_chunks=target_chunks, **kwargs).eval()
-    target.load_state_dict(backbone_filter_fn(source.state_dict(), target))
+    source = build_vit("vit_small", **kwargs).eval()
+    target = build_vit("vit_small", block_chunks=2, **kwargs).eval()
+    official = chunk_block_keys(source.state_dict(), source_chunks, depth=4)
+    target.load_state_dict(backbone_filter_fn(official, target))
     images = torch.randn(2, 3, 56, 56)
     assert torch.equal(target(images), source(images))
 

@@ -12,7 +12,7 @@ import submitit
 from dinov2.logging import read_metrics
 from dinov2.train.train import Trainer
 from gloo_ranks import DIST_TINY, fork_process, write_dataset
-from launchers.submit import TrainingJob, main, make_executor, parse_args, sbatch_script, stream_log
+from dinov2.cli.submit import TrainingJob, main, make_executor, parse_args, sbatch_script, stream_log
 
 SINGLE = [x for x in DIST_TINY if not x.startswith("distributed.launcher")] + ["distributed.launcher=single"]
 
@@ -76,7 +76,7 @@ def test_cli_rejects_bad_input_before_queueing(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path), "--local", "--gpus-per-node", "2", "optim.base_rl=1"]) == 2
     assert "did you mean 'optim.base_lr'" in capsys.readouterr().err
     assert main(["--output-dir", str(tmp_path), "--gpus-per-node", "3", "train.global_batch_size=16"]) == 2
-    assert "not divisible by 3 GPUs" in capsys.readouterr().err
+    assert "not divisible by world size 3" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["--output-dir", str(blocker / "run"), "--local", "--gpus-per-node", "1"]) == 2

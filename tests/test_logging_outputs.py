@@ -11,7 +11,7 @@ from PIL import Image
 from dinov2.configs import load_config
 from dinov2.logging import read_metrics
 from dinov2.logging.metrics import grouped_name
-from dinov2.logging.plots import main as plot_main
+from dinov2.cli.plot import main as plot_main
 from dinov2.logging.trackers import IDS_FILE, build_trackers, flat_params
 from dinov2.train.train import Trainer
 from gloo_ranks import write_dataset
@@ -74,7 +74,7 @@ def test_every_run_draws_its_plots_and_dinov2_plot_redraws_them(finished_run, ca
 def test_dinov2_plot_errors_are_clear(tmp_path, capsys):
     assert plot_main([str(tmp_path)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
-    result = subprocess.run([sys.executable, "-m", "dinov2.logging.plots", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dinov2.cli.plot", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "dinov2-plot" in result.stdout
 
 

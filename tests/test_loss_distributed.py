@@ -48,15 +48,16 @@ def _worker(rank, world_size, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
     )
     try:
-        data, res = make_data(), {}
-        res["dino_sk"] = DINOLoss(K).sinkhorn_knopp_teacher(shard(data["dino_logits"], DINO_ROWS, rank), TEMP)
+        data, res, group = make_data(), {}, dist.group.WORLD  # the group is handed to each loss explicitly
+        res["dino_sk"] = DINOLoss(K, process_group=group).sinkhorn_knopp_teacher(
+            shard(data["dino_logits"], DINO_ROWS, rank), TEMP)
         n_local = torch.tensor([IBOT_ROWS[rank]])
-        res["ibot_sk"] = iBOTPatchLoss(K).sinkhorn_knopp_teacher(
+        res["ibot_sk"] = iBOTPatchLoss(K, process_group=group).sinkhorn_knopp_teacher(
             shard(data["ibot_logits"], IBOT_ROWS, rank), TEMP, n_masked_patches_tensor=n_local
         )
         res["ibot_n_after"] = n_local.clone()
 
-        eager, split = DINOLoss(K), DINOLoss(K)
+        eager, split = DINOLoss(K, process_group=group), DINOLoss(K, process_group=group)
         for x in data["center_steps"]:
             local = shard(x, CENTER_ROWS, rank)
             eager.update_center(local)
@@ -65,9 +66,15 @@ def _worker(rank, world_size, init_file, out_dir):
         split.apply_center_update()
         res["dino_center"], res["dino_center_split"] = eager.center.clone(), split.center.clone()
 
-        patch = iBOTPatchLoss(K)
+        patch = iBOTPatchLoss(K, process_group=group)
         patch.update_center(shard(data["patch_tokens"], IBOT_IMAGES, rank))
         res["ibot_center"] = patch.center.clone()
+
+        # No group given: this process's shard alone, although a default process group exists.
+        alone = DINOLoss(K)
+        alone.update_center(shard(data["center_steps"][0], CENTER_ROWS, rank))
+        res["alone_center"] = alone.center.clone()
+        res["alone_sk"] = iBOTPatchLoss(K).sinkhorn_knopp_teacher(shard(data["ibot_logits"], IBOT_ROWS, rank), TEMP, 0)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -116,3 +123,15 @@ def test_ibot_update_center_equals_single_process(results):
     ref.update_center(make_data()["patch_tokens"])
     for r in results:
         torch.testing.assert_close(r["ibot_center"], ref.center, rtol=1e-5, atol=1e-7)
+
+
+def test_no_process_group_means_this_process_alone(results):
+    """``process_group=None`` is "not distributed" even inside an initialised default group: the losses do
+    not look the default group up (they used to all-reduce over it)."""
+    data = make_data()
+    for rank, r in enumerate(results):
+        ref = DINOLoss(K)
+        ref.update_center(shard(data["center_steps"][0], CENTER_ROWS, rank))
+        torch.testing.assert_close(r["alone_center"], ref.center, rtol=0, atol=0)
+        local = iBOTPatchLoss(K).sinkhorn_knopp_teacher(shard(data["ibot_logits"], IBOT_ROWS, rank), TEMP, 0)
+        torch.testing.assert_close(r["alone_sk"], local, rtol=0, atol=0)

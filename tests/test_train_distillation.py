@@ -16,7 +16,8 @@ from dinov2.logging import read_metrics
 from dinov2.train.build import build_train_loader
 from dinov2.train.distillation import DistillationMetaArch, every_patch
 from dinov2.train.teacher_heads import PrototypeHead, spherical_kmeans
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
 from gloo_ranks import write_dataset
 from tiny import TINY
 
@@ -78,7 +79,9 @@ def test_student_ema_follows_the_student_by_the_momentum(teacher_run, tmp_path):
 def test_student_sees_unmasked_crops_and_ibot_covers_every_patch(teacher_run, tmp_path):
     cfg = cfg_for(teacher_run, f"distillation.teacher={teacher_run['file']}", "ibot.mask_sample_probability=1.0")
     trainer = Trainer(cfg, tmp_path)
-    batch = next(iter(build_train_loader(cfg, trainer.dataset, start=0)))
+    # A batch with iBOT masks (the loader of the same run without a teacher draws them; distilling, none).
+    batch = next(iter(build_train_loader(cfg_for(teacher_run, "ibot.mask_sample_probability=1.0"), trainer.dataset,
+                                         start=0)))
     assert batch.masks.any()
     unmasked = dataclasses.replace(batch, masks=torch.zeros_like(batch.masks), mask_indices=batch.mask_indices[:0],
                                    masks_weight=batch.masks_weight[:0], n_masked_patches=torch.zeros_like(batch.n_masked_patches))
@@ -93,6 +96,21 @@ def test_student_sees_unmasked_crops_and_ibot_covers_every_patch(teacher_run, tm
     n_crops, n_tokens = batch.masks.shape
     assert full.masks.all() and full.mask_indices.tolist() == list(range(n_crops * n_tokens))
     assert torch.allclose(full.masks_weight.sum(), torch.tensor(float(n_crops)))  # each crop's patches weigh 1
+
+
+def test_loader_draws_no_masks_when_distilling(teacher_run):
+    from dinov2.data.mnist import MNISTDemoDataset
+
+    dataset = MNISTDemoDataset()
+    plain = next(iter(build_train_loader(cfg_for(teacher_run, "ibot.mask_sample_probability=1.0"), dataset, start=0)))
+    distilled = next(iter(build_train_loader(cfg_for(teacher_run, f"distillation.teacher={teacher_run['file']}",
+                                                     "ibot.mask_sample_probability=1.0"), dataset, start=0)))
+    assert plain.masks.any()
+    # The same crops and the same batch contract (shapes, dtypes), with no mask drawn.
+    assert torch.equal(distilled.global_crops, plain.global_crops) and torch.equal(distilled.local_crops, plain.local_crops)
+    assert distilled.masks.shape == plain.masks.shape and distilled.masks.dtype == torch.bool
+    assert not distilled.masks.any() and distilled.mask_indices.numel() == 0 and distilled.masks_weight.numel() == 0
+    assert distilled.n_masked_patches.tolist() == [0]
 
 
 @pytest.mark.slow  # ~4 tiny runs: > 20 s on a loaded 2-core machine
@@ -129,6 +147,47 @@ def test_export_takes_the_student_ema_by_default(teacher_run, tmp_path):
     assert export_backbone(teacher_run["run"], tmp_path / "t.pth")["which"] == "teacher"  # an undistilled run: its EMA teacher
     with pytest.raises(ValueError, match="distillation run.*student_ema"):
         export_backbone(run, tmp_path / "bad.pth", which="teacher")
+
+
+@pytest.mark.parametrize("source", ["run", "file"])
+def test_teacher_is_built_on_the_meta_device_and_equals_a_cpu_build(teacher_run, source):
+    from dinov2.distributed import DistributedEnv
+    from dinov2.train.model import build_training_model, builds_on_meta
+
+    states = {}
+    for meta in (True, False):
+        cfg = cfg_for(teacher_run, f"distillation.teacher={teacher_run[source]}", f"compute.meta_init={meta}")
+        assert builds_on_meta(cfg) == meta
+        torch.manual_seed(0)
+        model = build_training_model(cfg, DistributedEnv.single(torch.device("cpu")))
+        states[meta] = (model.state_dict(), torch.rand(3))  # the RNG ends where a plain build leaves it
+    (meta_state, meta_draw), (cpu_state, cpu_draw) = states[True], states[False]
+    assert meta_state.keys() == cpu_state.keys() and torch.equal(meta_draw, cpu_draw)
+    for key, value in cpu_state.items():
+        assert torch.equal(meta_state[key], value), key
+    saved = read_tensors(resolve_checkpoint(teacher_run["run"]), "model.teacher.backbone.")
+    for key, value in saved.items():  # the frozen teacher holds its source's weights
+        assert torch.equal(meta_state[key[len("model."):]], value), key
+    if source == "run":  # trained heads: the run's loss centers too
+        assert torch.equal(meta_state["dino_loss.center"],
+                           read_tensors(resolve_checkpoint(teacher_run["run"]), "model.dino_loss.")["model.dino_loss.center"])
+
+
+def test_kmeans_features_do_not_depend_on_the_batch_size(teacher_run):
+    # A 2-rank run with batch B per rank and a 1-process run with batch 2B fit the same teacher heads.
+    from dinov2.data.mnist import MNISTDemoDataset
+    from dinov2.train.distillation import teacher_features
+
+    dataset = MNISTDemoDataset()
+    features = []
+    for batch in (8, 3):  # 20 images: 3 batches of 8 (4 images of the last unused), 7 of 3
+        cfg = cfg_for(teacher_run, f"distillation.teacher={teacher_run['file']}", "distillation.kmeans_images=20",
+                      f"train.batch_size_per_gpu={batch}")
+        torch.manual_seed(0)
+        features.append(teacher_features(DistillationMetaArch(cfg), cfg, dataset, torch.device("cpu")))
+    assert features[0]["cls"].shape == (40, 32) and features[0]["patch"].shape == (160, 32)  # 2 crops x 4 patches
+    for role in ("cls", "patch"):
+        torch.testing.assert_close(features[1][role], features[0][role], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # builds ViT-S/14 three times
@@ -218,3 +277,19 @@ def test_prototype_head_is_the_cosine_to_prototypes_of_centred_features():
         head.prototypes.copy_(torch.eye(3, 4) * 2)  # not unit: normalised in forward
     x = torch.tensor([[1.0, 3.0, 0, 4.0]])  # centred: (0, 3, 0, 4), norm 5
     torch.testing.assert_close(head(x), torch.tensor([[0.0, 0.6, 0.0]]))
+
+
+def test_target_statistics_by_hand():
+    from dinov2.train.teacher_heads import target_statistics
+
+    ln2, ln4 = np.log(2), np.log(4)
+    one_hot = torch.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]]
+    labels = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])  # prototypes {0, 1} -> label 0, {2, 3} -> label 1
+    stats = target_statistics(one_hot, labels)
+    assert stats == pytest.approx({"entropy": 0, "marginal_entropy": ln4, "information": ln4,
+                                   "label_information": ln2}, abs=1e-9)
+    uniform = target_statistics(torch.full((8, 4), 0.25), labels)  # says nothing about the image
+    assert uniform == pytest.approx({"entropy": ln4, "marginal_entropy": ln4, "information": 0,
+                                     "label_information": 0}, abs=1e-9)
+    half = target_statistics(torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]))  # 1 bit of 2 about the image
+    assert half == pytest.approx({"entropy": ln2, "marginal_entropy": ln4, "information": ln2}, abs=1e-9)

@@ -20,7 +20,8 @@ from dinov2.checkpoint import CheckpointManager, CheckpointMismatchError, is_goo
 from dinov2.configs import load_config
 from dinov2.logging import read_metrics
 from dinov2.train.signals import TrainingInterrupted
-from dinov2.train.train import NonFiniteLossError, Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import NonFiniteLossError, Trainer
 from tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +204,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_keeps_older_checkpoints(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (shard_bytes // 2, shard_bytes // 2))
 
-    code = ("import sys; from dinov2.train.train import main; from tiny import TINY; "
+    code = ("import sys; from dinov2.cli.train import main; from tiny import TINY; "
             f"sys.exit(main(['--output-dir', {str(run)!r}, *TINY, 'student.drop_path_rate=0.0', 'train.max_steps=2']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_child_env(),
                           preexec_fn=limit_file_size, timeout=600)
@@ -247,7 +248,7 @@ def _wait_for_metrics(run: Path, lines: int, process: subprocess.Popen, deadline
 def test_a_stop_signal_finishes_the_step_saves_and_exits_cleanly(tmp_path, signum):
     run = tmp_path / "run"
     args = [*FAST, "checkpoint.every_n_steps=100", "train.max_steps=8"]
-    process = subprocess.Popen([sys.executable, "-m", "dinov2.train.train", "--output-dir", str(run), *args],
+    process = subprocess.Popen([sys.executable, "-m", "dinov2.cli.train", "--output-dir", str(run), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
     _wait_for_metrics(run, 2, process)
     process.send_signal(signum)

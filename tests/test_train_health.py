@@ -14,7 +14,8 @@ from dinov2.logging import read_metrics
 from dinov2.train.health import CollapseWatch, collapse_problems
 from dinov2.train.ssl_meta_arch import _entropy
 from dinov2.train.summary import best_knn, run_summary
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
 from gloo_ranks import write_dataset
 from tiny import TINY
 
@@ -120,8 +121,8 @@ def test_cli_prints_a_summary_whose_commands_run(tmp_path, capsys):
     evaluate, baseline = [line.strip() for line in out.splitlines() if line.strip().startswith("dinov2-eval knn ")]
     assert "--arch" not in evaluate and "--weights random" in baseline  # the exported file describes itself
     # The printed commands, run as printed (in this process: the console scripts' own main functions).
-    from dinov2.checkpoint.export import main as export_main
-    from dinov2.eval.cli import main as eval_main
+    from dinov2.cli.export import main as export_main
+    from dinov2.cli.eval import main as eval_main
 
     assert export_main(shlex.split(export)[1:]) == 0
     assert (run / "backbone.safetensors").stat().st_size > 0

@@ -10,7 +10,8 @@ import torch
 
 from dinov2.configs import load_config
 from dinov2.logging import read_metrics
-from dinov2.train.train import NonFiniteLossError, Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import NonFiniteLossError, Trainer
 from tiny import TINY
 
 

@@ -9,7 +9,8 @@ from dinov2.data.mnist import MNISTDemoDataset
 from dinov2.logging import read_metrics
 from dinov2.train.build import build_train_loader
 from dinov2.train.phases import PhasedBatches, plan_phases
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
 from tiny import TINY
 
 # 6 scheduled steps (3 x 2 epochs); the last 2 at 35 px global / 21 px local crops, batch 4 (patch 7).
@@ -115,3 +116,13 @@ def test_init_from_a_directory_without_checkpoint_fails_before_training(tmp_path
         err = capsys.readouterr().err
         assert f"train.init_from={target}" in err and ("no complete checkpoint" in err or "no such directory" in err)
     assert not (tmp_path / "new" / "checkpoints").exists()
+
+
+def test_init_from_with_pretrained_weights_is_one_config_error_naming_both_keys(tmp_path, capsys):
+    # Both set the student's starting weights; init_from used to win silently.
+    both = [f"train.init_from={tmp_path / 'source'}", f"student.pretrained_weights={tmp_path / 'backbone.pth'}"]
+    with pytest.raises(ConfigError, match=r"train\.init_from=.*student\.pretrained_weights="):
+        tiny_cfg(*both)
+    assert main(["--output-dir", str(tmp_path / "new"), *TINY, *both]) == 2
+    assert "set only one" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

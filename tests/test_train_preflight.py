@@ -9,13 +9,14 @@ import sys
 import pytest
 import yaml
 
-from dinov2.configs import SSLConfig, load_config
+from dinov2.configs import ConfigError, SSLConfig, load_config
 from dinov2.configs.reference import format_config, key_reference
 from dinov2.configs.ranges import schema_fields
 from dinov2.train.preflight import plan_warnings, preflight
 from dinov2.train.run_dir import RunLock
 from dinov2.train.run_plan import plan_run, steps_per_epoch
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
 from gloo_ranks import write_dataset
 from tiny import TINY
 
@@ -148,7 +149,7 @@ def test_a_sensible_small_recipe_gets_no_warning():
 
 
 def test_cli_dry_run_subprocess_exit_code_and_help():
-    result = subprocess.run([sys.executable, "-m", "dinov2.train.train", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dinov2.cli.train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--dry-run" in result.stdout and "--print-config" in result.stdout
 
 
@@ -159,3 +160,26 @@ def test_a_real_run_says_what_the_dry_run_warns_about(tmp_path, caplog):
         trainer = Trainer(cfg, tmp_path / "run")  # constructing it is enough: the warning comes first
     trainer.close()
     assert "62,500 passes over 16 images" in caplog.text and "OFFICIAL_EPOCH_LENGTH=auto" in caplog.text
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["high_res.steps=9"], "high_res.steps=9 is larger than the run"),  # TINY: 2 epochs x 4 steps
+    (["high_res.steps=2", "high_res.global_crops_size=30"], "high_res.global_crops_size=30 is not a multiple"),
+    (["high_res.steps=2", "high_res.global_crops_size=35", "high_res.local_crops_size=20"],
+     "high_res.local_crops_size=20 is not a multiple"),
+])
+def test_dry_run_checks_the_high_res_phase_as_the_real_run_does(tmp_path, capsys, bad, message):
+    data = write_dataset(tmp_path / "images.npy", n=16)
+    with pytest.raises(ConfigError, match=message):  # no timed step: the check itself, not the Trainer's
+        preflight(load_config(None, TINY + [data, *bad]), None, timed_steps=0)
+    with pytest.raises(ConfigError, match=message):  # the real run says the same
+        Trainer(load_config(None, TINY + [data, *bad]), tmp_path / "run")
+    assert main(["--dry-run", "--dry-run-steps", "0", *TINY, data, *bad]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dry_run_shows_the_high_res_phase(tmp_path, capsys):
+    data = write_dataset(tmp_path / "images.npy", n=16)
+    high = ["high_res.steps=3", "high_res.global_crops_size=35", "high_res.batch_size_per_gpu=4"]
+    assert main(["--dry-run", "--dry-run-steps", "0", *TINY, data, *high]) == 0
+    assert "high resolution:  steps 5-7: global crops 35 px, local 14 px, batch 4 per process" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""Training on from backbone weights (``student.pretrained_weights``) with a chunked recipe, the FFN error
-that names the key to set, and the head warm-up (``train.freeze_backbone_steps``), on tiny models."""
+"""Training on from backbone weights (``student.pretrained_weights``; released or official chunked keys) with a
+recipe that sets ``block_chunks``, the FFN error that names the key to set, and the head warm-up
+(``train.freeze_backbone_steps``), on tiny models."""
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from safetensors.torch import save_file
 
 from dinov2.configs import load_config
 from dinov2.models.vision_transformer import build_vit
-from dinov2.train.train import Trainer, main
+from dinov2.cli.train import main
+from dinov2.train.train import Trainer
+from chunked_keys import chunk_block_keys
 from tiny import TINY
 
 BACKBONE = dict(patch_size=7, embed_dim=32, depth=2, num_heads=2, in_chans=1, init_values=0.1)
@@ -17,30 +20,28 @@ def tiny_cfg(*extra):
     return load_config(None, TINY + list(extra))
 
 
-def released_like(path, img_size=63, ffn_layer="mlp"):
-    """A backbone file in the released layout (flat block keys, a larger image size), values random."""
+def released_like(path, img_size=63, ffn_layer="mlp", chunks=0):
+    """A backbone file in the released layout (flat block keys, a larger image size) or, with ``chunks``, in an
+    official training checkpoint's (``blocks.{chunk}.{i}``); values random."""
     torch.manual_seed(1)
-    model = build_vit("vit_small", img_size=img_size, block_chunks=0, ffn_layer=ffn_layer, **BACKBONE)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    model = build_vit("vit_small", img_size=img_size, ffn_layer=ffn_layer, **BACKBONE)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(chunk_block_keys(state, chunks, BACKBONE["depth"]) if chunks else state, str(path))
     return model
 
 
-def _flat(key):
-    parts = key.split(".")
-    return ".".join(parts[:1] + parts[2:]) if key.startswith("blocks.") else key
-
-
-def test_pretrained_weights_load_into_a_chunked_recipe(tmp_path):
-    source = released_like(tmp_path / "backbone.safetensors").eval()
+@pytest.mark.parametrize("file_chunks", [0, 2])
+def test_pretrained_weights_load_into_a_chunked_recipe(tmp_path, file_chunks):
+    source = released_like(tmp_path / "backbone.safetensors", chunks=file_chunks).eval()
     trainer = Trainer(tiny_cfg(f"student.pretrained_weights={tmp_path / 'backbone.safetensors'}",
                                "student.block_chunks=2"), tmp_path / "run")
     images = torch.randn(2, 1, 28, 28)
     for name in ("student", "teacher"):
         backbone = getattr(trainer.model, name).backbone
-        assert any(k.startswith("blocks.1.1.") for k in backbone.state_dict())  # chunked layout
+        assert backbone.block_chunks == 2 and list(backbone.state_dict()) == list(source.state_dict())  # flat keys
         for key, value in backbone.state_dict().items():
             if key != "pos_embed":
-                assert torch.equal(value, source.state_dict()[_flat(key)]), key
+                assert torch.equal(value, source.state_dict()[key]), key
         torch.testing.assert_close(backbone.eval()(images), source(images), rtol=0, atol=1e-5)
     trainer.close()
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_curation.cli import main as curate
 from dinov2.data import ManifestDataset
-from dinov2.eval.cli import main as evaluate
+from dinov2.cli.eval import main as evaluate
 from dinov2.eval.data import load_dataset
 from dinov2.eval.features import extract_features
 

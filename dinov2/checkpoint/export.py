@@ -1,16 +1,14 @@
 """Export the trained backbone of a DCP checkpoint, described, in the formats people load.
 
-    dinov2-export RUN OUT.safetensors [--which final|teacher|student|student_ema]    (or OUT.pth)
-    dinov2-export RUN OUT_DIR --format hf        transformers.AutoModel.from_pretrained(OUT_DIR)
-    dinov2-export RUN OUT.safetensors --format timm    timm.create_model(..., pretrained_cfg_overlay=...)
-    dinov2-export RUN OUT.onnx                   onnxruntime, dynamic batch and image size
+    export_backbone(RUN, OUT, which="final", fmt=None)    the ``dinov2-export`` command (dinov2/cli/export.py)
 
 RUN is a ``step_N`` directory, a ``checkpoints/`` directory or a run directory (the newest
 complete checkpoint is used), or a file written by dinov2-export (to convert it to another
 format). Only the backbone's tensors are read, in one process and without a process group,
 whatever world size wrote the checkpoint (DCP reassembles the shards). Keys lose their
-``model.teacher.backbone.`` prefix, and chunked blocks (``blocks.{chunk}.{i}``) become
-``blocks.{i}``: the released key layout. The run's ``config.yaml`` (found next to the
+``model.teacher.backbone.`` prefix; chunked blocks (``blocks.{chunk}.{i}``, in checkpoints written
+with ``student.block_chunks > 0`` before the models became flat) become ``blocks.{i}``
+(``dinov2.hub.filters.flat_block_keys``): the released key layout. The run's ``config.yaml`` (found next to the
 checkpoints) describes the backbone: architecture and input (``dinov2.hub.description``), checked
 against the tensors and written into the file, so ``torch.hub.load(REPO, "dinov2_backbone",
 source="local", weights=OUT)``, ``dinov2-eval --backbone-file OUT`` and ``dinov2-curate embed``
@@ -20,31 +18,30 @@ need no architecture or preprocessing flags. The hf, timm and onnx formats live 
 The checkpoint is read without running code from it (``dinov2.checkpoint.metadata``). The output
 is written to a temporary file (or directory) next to the target and renamed into place, so OUT
 is either the previous output or the complete export, never a torn one. Every failure (no or a
-corrupt checkpoint, a directory or unwritable target, a format's package missing) is one line on
-stderr and exit code 2.
+corrupt checkpoint, a directory or unwritable target, a format's package missing) is an OSError,
+ValueError, ImportError or CheckpointException with a message naming it (one line on stderr and exit
+code 2 from the command).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import secrets
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dinov2.hub.description import DESCRIPTION_KEY, BackboneDescription, from_config
+from dinov2.hub.filters import flat_block_keys
+from dinov2.load_errors import describe
 
 from .manager import CheckpointManager, _quiet
-from .metadata import describe, read_metadata, safe_load
+from .metadata import read_metadata, safe_load
 
-_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.*)$")
 FORMATS = {".pth": "pth", ".pt": "pth", ".safetensors": "safetensors", ".onnx": "onnx"}  # output suffix -> format
 ALL_FORMATS = ("pth", "safetensors", "hf", "timm", "onnx")
 WHICH = ("final", "teacher", "student", "student_ema")  # final: the teacher, or student_ema after distillation
@@ -91,17 +88,7 @@ def backbone_state_dict(checkpoint: str | Path, which: str = "teacher") -> dict[
     if not tensors:
         sections = sorted({".".join(k.split(".")[:3]) for k in read_metadata(checkpoint).state_dict_metadata})
         raise ValueError(f"{checkpoint} holds no {prefix}* tensors (it has: {', '.join(sections[:12])})")
-    state = {}
-    for key, value in tensors.items():
-        key = key[len(prefix):]
-        chunked = _CHUNKED_BLOCK.match(key)
-        state[f"blocks.{chunked.group(1)}.{chunked.group(2)}" if chunked else key] = value.contiguous()
-    return state
-
-
-def builder_kwargs(cfg) -> dict:
-    """Keyword arguments of ``vit_*`` (and of the hub entry points) that rebuild the trained backbone."""
-    return from_config(cfg).builder_kwargs()
+    return flat_block_keys({key[len(prefix):]: value.contiguous() for key, value in tensors.items()})
 
 
 def hub_entry(cfg) -> tuple[str, dict]:
@@ -153,7 +140,7 @@ def read_backbone(source: str | Path, which: str = "teacher") -> tuple[dict, Bac
         from dinov2.hub.weights import read_weights
 
         loaded = read_weights(str(source))
-        return loaded.state_dict, loaded.description, str(source)
+        return flat_block_keys(loaded.state_dict), loaded.description, str(source)
     checkpoint = resolve_checkpoint(source)
     if which == "final":
         which = final_model(checkpoint)
@@ -289,46 +276,3 @@ def hub_entry_of(description: BackboneDescription) -> tuple[str, dict]:
         kwargs.pop("ffn_layer")  # the vitg entry points fix the FFN themselves
     return name, kwargs
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="dinov2-export", description="Export the teacher (or student) backbone of a training checkpoint, with "
-        "its architecture and input written into the file, as a state dict in the released DINOv2 key layout "
-        "(.pth / .safetensors), a Hugging Face transformers directory, a timm state dict, or ONNX.",
-        epilog="Examples: dinov2-export runs/x teacher.safetensors; dinov2-export runs/x hf_dir --format hf; "
-        "dinov2-export runs/x teacher_timm.safetensors --format timm; dinov2-export runs/x teacher.onnx",
-    )
-    parser.add_argument("checkpoint", help="a step_N checkpoint directory, a run / checkpoints directory (newest), "
-                        "or a file written by dinov2-export (to convert it)")
-    parser.add_argument("out", help="output: .pth/.pt or .safetensors (released layout), .onnx, a directory "
-                        "(--format hf) or .safetensors/.pth (--format timm); written atomically")
-    parser.add_argument("--which", choices=WHICH, default="final",
-                        help="final (default): the run's final model, i.e. the EMA teacher (what DINOv2 releases) or, "
-                        "after distillation, the student's EMA; or teacher, student, student_ema explicitly")
-    parser.add_argument("--format", choices=ALL_FORMATS, default=None,
-                        help="pth | safetensors | onnx (the suffix decides when omitted) | hf (transformers "
-                        "directory) | timm (timm's key layout)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        info = export_backbone(args.checkpoint, args.out, which=args.which, fmt=args.format)
-    except (OSError, ValueError, ImportError, CheckpointException) as error:  # one line, no traceback
-        print(f"dinov2-export: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['tensors']} tensors ({info['parameters'] / 1e6:.1f} M parameters) of the {info['which']} "
-          f"backbone of {info['checkpoint']} to {info['out']} ({info['format']})")
-    if info["hub"]:
-        print(f"load with: {info['hub']}")
-    if info["load"]:
-        print(f"load with: {info['load']}")
-    if info["description"] is None:
-        print("note: no config.yaml next to the checkpoints, so the file does not describe its architecture; "
-              "loading it needs the architecture flags", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,6 @@ import io
 import os
 import pathlib
 import pickle
-import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +32,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as _md
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from dinov2.load_errors import describe, weights_only_refusal
 
 METADATA_FILE = ".metadata"
 
@@ -159,26 +160,6 @@ def read_metadata(path: str | os.PathLike):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {METADATA_FILE})")
     with open(file, "rb") as stream:
         return load_metadata_stream(stream, str(file))
-
-
-def weights_only_refusal(error: BaseException) -> str | None:
-    """What a ``torch.load(weights_only=True)`` refused (``"it names exec"``), or None when ``error``
-    is another failure. torch's own text goes on to suggest allow-listing the global: not passed on."""
-    text = str(error)
-    if "Weights only load failed" not in text and "Unsupported" not in text:
-        return None
-    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if named:
-        return f"it names {named.group(1)}"
-    lines = [line.strip() for line in text.splitlines() if "Unsupported" in line]
-    return (lines[0] if lines else text.splitlines()[0]).split(". Please")[0]
-
-
-def describe(error: BaseException) -> str:
-    """``"TypeName: first line of the message"`` (DCP and torch messages can run over many lines)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0][:500] if lines else ""
-    return text if text.startswith(type(error).__name__) else f"{type(error).__name__}" + (f": {text}" if text else "")
 
 
 def checkpoint_failure(error: BaseException) -> BaseException:

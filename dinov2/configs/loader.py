@@ -1,5 +1,8 @@
 """Load a config: schema defaults (schema.py) <- recipe file <- ``key=value`` overrides.
 
+``load_structured(schema, ...)`` loads any dataclass schema this way (the training config: ``load_config``;
+the curation config: ``data_curation.config``).
+
 Strict: an unknown key anywhere is an error that names the key and the closest valid one; a value of
 the wrong type, outside an enum or outside its range (declared next to the key in the schema) names
 the key, the value and what is valid; broken YAML names the file, line and column.
@@ -40,7 +43,9 @@ def _check_keys(candidate: DictConfig, schema: DictConfig, origin: str) -> None:
     for key in _all_keys(candidate):
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            parent = key.rpartition(".")[0]
+            here = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent and k != parent]
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(sorted(here))}"
             raise ConfigError(f"unknown config key '{key}' in {origin}{hint}")
 
 
@@ -75,10 +80,8 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Every key against its range in the schema, then the rules that tie several keys together."""
-    problems = range_violations(cfg, SSLConfig)
-    if problems:
-        raise ConfigError("\n".join(problems))
+    """The rules that tie several keys of the training config together (each key's own range is checked
+    by :func:`load_structured`)."""
     if cfg.optim.warmup_epochs > cfg.optim.epochs:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be <= optim.epochs={cfg.optim.epochs}")
     if cfg.crops.color_jitter[3] > 0.5:
@@ -95,17 +98,35 @@ def validate(cfg: DictConfig) -> None:
         )
     if len(cfg.crops.mean) != cfg.student.in_chans or len(cfg.crops.std) != cfg.student.in_chans:
         raise ConfigError(f"crops.mean/std need {cfg.student.in_chans} values (student.in_chans)")
+    if cfg.train.init_from and cfg.student.pretrained_weights:
+        raise ConfigError(
+            f"train.init_from={cfg.train.init_from} and student.pretrained_weights={cfg.student.pretrained_weights} "
+            f"both set the student's starting weights (init_from would silently overwrite them); set only one")
 
 
-def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The resolved, validated config (an OmegaConf object typed by :class:`SSLConfig`)."""
-    cfg = OmegaConf.structured(SSLConfig)
+def _editable(node: DictConfig) -> None:
+    """A frozen dataclass in a schema makes a read-only node; a loaded config stays editable."""
+    OmegaConf.set_readonly(node, False)
+    for value in node.values():
+        if isinstance(value, DictConfig):
+            _editable(value)
+
+
+def load_structured(schema: type, config_file: str | Path | None = None, overrides: Sequence[str] = (), *,
+                    config_dir: Path = CONFIG_DIR) -> DictConfig:
+    """The dataclass ``schema``'s defaults <- the YAML ``config_file`` (a path, or one relative to
+    ``config_dir``) <- ``key=value`` overrides, typed by ``schema``; every value inside the range declared
+    next to its key (``ranges.ranged``). Any misfit is a :class:`ConfigError` naming the key (or the file,
+    line and column of broken YAML). The loader of the training config and of the curation config."""
+    cfg = OmegaConf.structured(schema)
+    _editable(cfg)
     if config_file is not None:
         path = Path(config_file)
         if not path.exists():
-            packaged = CONFIG_DIR / path
+            packaged = config_dir / path
             if not packaged.exists():
-                raise ConfigError(f"config file {config_file} not found (nor {packaged})")
+                nor = f" (nor {packaged})" if packaged != path else ""
+                raise ConfigError(f"config file not found: {config_file}{nor}")
             path = packaged
         cfg = _merge(cfg, _load_yaml(path), str(path))
     for override in overrides:
@@ -117,6 +138,15 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
         except yaml.YAMLError as error:
             raise _yaml_error(error, origin) from None
         cfg = _merge(cfg, parsed, origin)
+    problems = range_violations(cfg, schema)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cfg
+
+
+def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved, validated training config (an OmegaConf object typed by :class:`SSLConfig`)."""
+    cfg = load_structured(SSLConfig, config_file, overrides)
     validate(cfg)
     return cfg
 

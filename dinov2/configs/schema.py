@@ -41,7 +41,9 @@ class StudentConfig:
     layerscale: float = ranged(
         1.0e-5, ge=0.0, doc="LayerScale init value; 0 = no LayerScale (small models learn faster with ~0.1)")
     ffn_layer: FfnLayer = option(FfnLayer.mlp, doc="feed-forward block: mlp, swiglu / swiglufused (ViT-g) or identity")
-    block_chunks: int = ranged(0, ge=0, doc="group blocks in this many chunks (official FSDP1 layout; 0 = none)")
+    block_chunks: int = ranged(
+        0, ge=0, doc="FSDP: shard the blocks as this many units of consecutive blocks (must divide depth; 0 = one "
+        "unit per block; torch < 2.14: always per block); state-dict keys stay flat (blocks.{i})")
     qkv_bias: bool = option(True, doc="bias in the attention qkv projection")
     proj_bias: bool = option(True, doc="bias in the attention output projection")
     ffn_bias: bool = option(True, doc="biases in the feed-forward block")

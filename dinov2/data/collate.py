@@ -29,7 +29,7 @@ class SSLBatch:
 
     global_crops: Tensor  # [n_global * B, C, H, W], NOT normalised: uint8 0-255, or float as the dataset gave it
     local_crops: Tensor  # [n_local * B, C, h, w] likewise; [0, C, 0, 0] without local crops
-    masks: Tensor  # [n_global * B, n_tokens] bool, iBOT masks of the global crops
+    masks: Tensor  # [n_global * B, n_tokens] bool, iBOT masks of the global crops (all False: none drawn, e.g. distilling)
     mask_indices: Tensor  # [M] long, flat indices of the True entries of ``masks``
     masks_weight: Tensor  # [M] float32, 1 / (masked count of its crop) for each masked patch
     n_masked_patches: Tensor  # [1] long, M

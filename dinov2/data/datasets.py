@@ -173,52 +173,62 @@ class ManifestDataset(Dataset):
 
 
 class NumpyArrayDataset(Dataset):
-    """Images from a ``.npy`` array of shape (N, C, H, W) or (N, H, W), memory-mapped.
+    """Images from an array of shape (N, C, H, W) or (N, H, W): a ``.npy`` file (memory-mapped) or an
+    array in memory -- the project's one dataset of image arrays (training ``npy:`` sets, eval arrays, MNIST).
 
-    Items are tensors (C, H, W) — (1, H, W) for a 3-D array — of dtype uint8 or
-    float32 (any float array is returned as float32), so multi-band data (any C)
-    flows straight into ``DataAugmentationDINO(num_channels=C)``. ``labels`` is an
-    optional array-like or .npy path of N integers.
+    Items are ``(image, target)``: a tensor (C, H, W) -- (1, H, W) for a 3-D array -- of dtype uint8 or
+    float32 (any float array is returned as float32), so multi-band data (any C) flows straight into
+    ``DataAugmentationDINO(num_channels=C)``; ``transform(image)`` when a ``transform`` is given.
+    ``labels`` is an optional array-like or .npy path of N integers; ``target`` is -1 without them.
+    ``classes`` names the labels ``"0"`` ... ``"max"`` (empty without labels).
     """
 
-    def __init__(self, path: str, labels: Union[None, str, Sequence[int], np.ndarray] = None, *,
-                 path_manager: Optional[PathManager] = None):
-        self.path = str(path)
+    def __init__(self, source: Union[str, np.ndarray], labels: Union[None, str, Sequence[int], np.ndarray] = None, *,
+                 transform=None, path_manager: Optional[PathManager] = None):
+        self.transform = transform
         self.path_manager = path_manager or g_pathmgr
-        if not self.path_manager.exists(self.path):
-            raise FileNotFoundError(f"array file does not exist: {self.path}")
-        self._local_path = self.path_manager.get_local_path(self.path)
-        self._array: Optional[np.ndarray] = None
+        if isinstance(source, np.ndarray):
+            self.path, self._local_path, self._array = None, None, source
+        else:
+            self.path = str(source)
+            if not self.path_manager.exists(self.path):
+                raise FileNotFoundError(f"array file does not exist: {self.path}")
+            self._local_path = self.path_manager.get_local_path(self.path)
+            self._array: Optional[np.ndarray] = None
+        where = self.path or "image array"
         array = self.array
         if array.ndim not in (3, 4):
-            raise ValueError(f"{self.path}: expected shape (N, C, H, W) or (N, H, W), got {array.shape}")
+            raise ValueError(f"{where}: expected shape (N, C, H, W) or (N, H, W), got {array.shape}")
         if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
-            raise TypeError(f"{self.path}: dtype {array.dtype} unsupported; store uint8 or float data")
+            raise TypeError(f"{where}: dtype {array.dtype} unsupported; store uint8 or float data")
         if len(array) == 0:
-            raise ValueError(f"{self.path}: the array holds no images")
+            raise ValueError(f"{where}: the array holds no images")
         if isinstance(labels, str):
             labels = np.load(self.path_manager.get_local_path(labels))
         self.targets = None if labels is None else np.asarray(labels, dtype=np.int64)
         if self.targets is not None and self.targets.shape != (len(array),):
-            raise ValueError(f"{self.path}: {len(array)} images but labels of shape {self.targets.shape}")
+            raise ValueError(f"{where}: {len(array)} images but labels of shape {self.targets.shape}")
+        n_classes = int(self.targets.max()) + 1 if self.targets is not None else 0
+        self.classes = [str(i) for i in range(n_classes)]
 
     @property
     def array(self) -> np.ndarray:
-        # Opened lazily so pickling to DataLoader workers sends a path, not the data.
+        # A file is opened lazily, so pickling to DataLoader workers sends a path, not the data.
         if self._array is None:
             self._array = np.load(self._local_path, mmap_mode="r")
         return self._array
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_array"] = None
+        if self.path is not None:
+            state["_array"] = None
         return state
 
     def __len__(self) -> int:
         return len(self.array)
 
     def describe(self, index: int) -> str:
-        return f"{self.path}[{index}]"
+        return f"{self.path or 'image array'}[{index}]"
 
     def __getitem__(self, index: int):
         item = np.array(self.array[index])  # copy out of the memory map
@@ -226,5 +236,6 @@ class NumpyArrayDataset(Dataset):
             item = item[None]
         if item.dtype != np.uint8:
             item = item.astype(np.float32, copy=False)
+        image = torch.from_numpy(item)
         target = UNLABELLED if self.targets is None else int(self.targets[index])
-        return torch.from_numpy(item), target
+        return (self.transform(image) if self.transform is not None else image), target

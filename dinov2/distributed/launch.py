@@ -74,7 +74,7 @@ def read_launch_info(launcher: str, environ: Mapping[str, str] | None = None,
     if launcher == "single":
         return LaunchInfo("single")
     if launcher == "torchrun":
-        _require(environ, TORCHRUN_VARS, "torchrun", "start with `torchrun --nproc-per-node N -m dinov2.train.train ...`")
+        _require(environ, TORCHRUN_VARS, "torchrun", "start with `torchrun --nproc-per-node N -m dinov2.cli.train ...`")
         info = LaunchInfo(
             "torchrun", rank=_int(environ, "RANK"), world_size=_int(environ, "WORLD_SIZE"),
             local_rank=_int(environ, "LOCAL_RANK", 0), master_addr=environ["MASTER_ADDR"],

@@ -1,9 +1,10 @@
 """The one distribution policy: how the student/teacher model is built, wrapped and placed for training.
 
-Kept apart from the model code (torchtitan, dinov3). ``build_training_model`` applies, in order:
+Kept apart from the model code (torchtitan, dinov3). ``dinov2.train.model.build_training_model`` builds the
+trainer's model and ``parallelize_ssl_model`` applies the rest, in order:
 
 1. build the ``SSLMetaArch`` on the meta device (``compute.meta_init``; a build that loads pretrained
-   weights is made on the CPU as before and moved to the device);
+   weights is made on the CPU as before and moved to the device) -- in dinov2/train/model.py;
 2. activation checkpointing of the student blocks (``compute.activation_checkpointing``: none | full |
    selective -- selective keeps matmul and attention outputs and recomputes the cheap rest);
 3. ``torch.compile`` of every transformer block, student and teacher (``compute.compile``); the heads and
@@ -106,12 +107,9 @@ def checkpoint_wrapper_for(mode: str):
 
 
 def _replace_blocks(backbone: nn.Module, fn) -> None:
-    """Replace every block by ``fn(block)`` in place, inside chunks too (the Identity padding stays)."""
-    containers = list(backbone.blocks) if backbone.chunked_blocks else [backbone.blocks]
-    for container in containers:
-        for i, block in enumerate(container):
-            if not isinstance(block, nn.Identity):
-                container[i] = fn(block)
+    """Replace every block by ``fn(block)`` in place."""
+    for i, block in enumerate(backbone.blocks):
+        backbone.blocks[i] = fn(block)
 
 
 def apply_activation_checkpointing(backbone: nn.Module, mode: str) -> None:
@@ -128,7 +126,7 @@ def compile_blocks(backbone: nn.Module) -> None:
     All blocks share one code object, and a graph is specialised per (drop rate, train/eval, crop layout):
     the recompile limit is raised to cover every block of the student and the teacher.
     """
-    blocks = backbone.block_list()
+    blocks = list(backbone.blocks)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, 4 * len(blocks) + 8)
     for block in blocks:
@@ -171,16 +169,18 @@ def materialize_(model: nn.Module, device: torch.device) -> None:
     """Allocate a meta-built ``SSLMetaArch`` on ``device`` and initialise it as a plain build would:
     the student's modules in construction order, then the teacher backbone's draws (a plain build makes
     them and overwrites them with the student's weights: replayed so the RNG ends in the same state),
-    then teacher <- student and zeroed loss centers."""
+    then teacher <- student and zeroed loss centers. The EMA is ``model.ema_model`` (the student's EMA when
+    distilling: the frozen teacher is left allocated but unset, its owner loads it)."""
     model.to_empty(device=device)
+    ema = model.ema_model
     steps: list[InitStep] = []
     for module in model.student.values():
         steps += module.init_steps()
-    steps += model.teacher.backbone.init_steps()
+    steps += ema.backbone.init_steps()
     for module, fn in steps:
         _run_step_sharded(module, fn)
-    for name in model.teacher.keys():
-        teacher, student = model.teacher[name], model.student[name]
+    for name in ema.keys():
+        teacher, student = ema[name], model.student[name]
         for t, s in zip(teacher.parameters(), student.parameters()):
             _local(t).copy_(_local(s))
         for t, s in zip(teacher.buffers(), student.buffers()):
@@ -191,13 +191,14 @@ def materialize_(model: nn.Module, device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------ attention kernel
-def resolve_attention(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Choose the kernel once for student and teacher; with several processes rank 0's choice is used
+def resolve_attention(model: nn.Module, requested: str, device: torch.device, dtype: torch.dtype,
+                      process_group: dist.ProcessGroup | None = None) -> str:
+    """Choose the kernel once for student and teacher; with a process group rank 0's choice is used
     everywhere (timings may differ slightly between GPUs, the maths must not)."""
     name = model.student.backbone.resolve_attention_backend(device, dtype, requested=str(requested))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if process_group is not None:
         choice = [name]
-        dist.broadcast_object_list(choice, src=0)
+        dist.broadcast_object_list(choice, src=dist.get_global_rank(process_group, 0), group=process_group)
         name = choice[0]
     for backbone in _backbones(model):
         backbone.set_attention_backend(name)
@@ -212,34 +213,19 @@ def _backbones(model: nn.Module) -> list[nn.Module]:
     return [model.student.backbone, model.teacher.backbone] + ([ema.backbone] if ema is not None else [])
 
 
-def build_training_model(cfg, env) -> nn.Module:
-    """The ``SSLMetaArch`` for ``cfg`` on ``env.device``, wrapped and sharded per the config, in train mode.
-
-    The caller seeds the RNG first (``torch.manual_seed(cfg.train.seed)``): every rank then builds the
-    same weights.
-    """
-    from dinov2.train.distillation import DistillationMetaArch
-    from dinov2.train.ssl_meta_arch import SSLMetaArch  # the trainer's model; the policy sits below it
-
-    # Distillation: a frozen teacher loaded from its source, the student's EMA beside it (built as below, not on meta).
-    SSLMetaArch = DistillationMetaArch if cfg.distillation.teacher else SSLMetaArch
-
-    validate_precision(cfg)
+def parallelize_ssl_model(model: nn.Module, cfg, env, *, on_meta: bool) -> nn.Module:
+    """Steps 2-6 on a built ``SSLMetaArch`` (``on_meta``: built on the meta device, step 1): activation
+    checkpointing, compile, FSDP2 when ``env`` is distributed, materialise and initialise on ``env.device``,
+    the attention kernel. Returns the model in train mode. ``dinov2.train.model`` builds the model."""
     device = env.device
     enable_tf32(device)
-    meta = bool(cfg.compute.meta_init) and not cfg.student.pretrained_weights and not cfg.distillation.teacher
-    if meta:
-        with torch.device("meta"):
-            model = SSLMetaArch(cfg)
-    else:
-        model = SSLMetaArch(cfg).to(device)
     apply_activation_checkpointing(model.student.backbone, str(cfg.compute.activation_checkpointing))
     if cfg.compute.compile:
         for backbone in _backbones(model):
             compile_blocks(backbone)
     if env.is_distributed:
         shard_ssl_model(model, env.mesh, cfg.distributed)
-    if meta:
+    if on_meta:
         materialize_(model, device)
-    resolve_attention(model, cfg.student.attention_backend, device, training_dtype(cfg))
+    resolve_attention(model, cfg.student.attention_backend, device, training_dtype(cfg), env.process_group)
     return model.train()

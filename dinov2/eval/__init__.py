@@ -1,8 +1,8 @@
 """Frozen-backbone evaluation: k-NN, linear probes, feature export, PCA / attention maps.
 
 Pure maths (``knn_classify``, ``linear_probe``, ``pca_rgb``) take arrays; ``evaluate_knn`` /
-``evaluate_linear`` take a backbone and datasets (the trainer's scheduled calls); ``cli``
-is the ``dinov2-eval`` command.
+``evaluate_linear`` take a backbone and datasets (the trainer's scheduled calls); the
+``dinov2-eval`` command is ``dinov2.cli.eval``.
 """
 
 from .backbone import BackboneError, resolve_backbone

@@ -28,23 +28,13 @@ from torch import nn
 
 from dinov2.configs.choices import Arch
 from dinov2.hub.description import ARCH_SHAPES
+from dinov2.hub.filters import flat_block_keys
 
 ARCHS = Arch.values()  # defined once, in the config schema's enums
 
 
 class BackboneError(ValueError):
     """A backbone spec that cannot be resolved (bad file, mismatched architecture, ...)."""
-
-
-def unchunk_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``blocks.{chunk}.{i}.x`` (official FSDP chunking, global index ``i``) -> ``blocks.{i}.x``."""
-    out = {}
-    for k, v in sd.items():
-        parts = k.split(".")
-        if len(parts) > 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2].isdigit():
-            k = ".".join(["blocks", *parts[2:]])
-        out[k] = v
-    return out
 
 
 def infer_backbone_config(sd: dict[str, torch.Tensor]) -> dict:
@@ -95,14 +85,13 @@ def build_from_state_dict(
     overrides) shaped like ``sd`` and load it strictly."""
     if arch not in ARCHS:
         raise BackboneError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    sd = unchunk_keys(sd)
+    sd = flat_block_keys(sd)  # official training checkpoints: blocks.{chunk}.{i} -> blocks.{i}
     cfg = infer_backbone_config(sd)
     for name, given in (("patch_size", patch_size), ("num_register_tokens", num_register_tokens)):
         if given is not None and given != cfg[name]:
             raise BackboneError(f"{source}: {name}={given} was given but the file has {name}={cfg[name]}")
     kwargs = {k: cfg[k] for k in ("patch_size", "img_size", "in_chans", "num_register_tokens", "ffn_layer",
                                   "mlp_ratio", "init_values", "qkv_bias", "proj_bias", "ffn_bias")}
-    kwargs["block_chunks"] = 0
     overrides = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v}
     kwargs.update(overrides)
     try:
@@ -274,9 +263,8 @@ def _reinitialised(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """Transformer blocks in order, also when grouped in chunks (``blocks.{chunk}.{i}``)."""
-    if hasattr(model, "block_list"):
-        return list(model.block_list())
+    """Transformer blocks in order, also when grouped in chunks (an official model built with
+    ``block_chunks > 0``: ``BlockChunk`` containers padded with ``nn.Identity``)."""
     out = []
     for b in model.blocks:
         if isinstance(b, nn.ModuleList):

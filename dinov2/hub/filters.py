@@ -1,12 +1,12 @@
 """Adapt a foreign backbone state dict to a model at load time (as timm's ``checkpoint_filter_fn``).
 
-Released DINOv2 checkpoints (and ``dinov2-export`` files) have flat ``blocks.{i}`` keys and a
-position embedding for 518-pixel images; a training recipe may group its blocks in chunks
-(``block_chunks > 0``: ``blocks.{chunk}.{i}``, the global index kept) and train at 224 pixels.
-:func:`backbone_filter_fn` maps one onto the other instead of requiring the model to match:
+Released DINOv2 checkpoints, ``dinov2-export`` files and our models have flat ``blocks.{i}`` keys and
+(the released ones) a position embedding for 518-pixel images; official training checkpoints group their
+blocks in chunks (``block_chunks > 0``: ``blocks.{chunk}.{i}``, the global index kept), as did training
+checkpoints of this project before its models became flat, and recipes train at 224 pixels.
+:func:`backbone_filter_fn` adapts such weights to the model instead of requiring them to match:
 
-* block keys are renamed to the model's layout (flat <-> chunked, or another chunk count), by the
-  global block index both layouts keep;
+* chunked block keys become flat (:func:`flat_block_keys`), by the global block index they keep;
 * a position embedding of another grid is resampled to the model's grid with the model's own
   resampling (bicubic, its ``interpolate_offset`` / antialias): at its native size the model then
   computes exactly what the source model computed at that size;
@@ -44,30 +44,16 @@ def block_index(key: str) -> tuple[int, str] | None:
     return int(match.groups()[-2]), match.groups()[-1]
 
 
-def block_prefixes(model_keys) -> dict[int, str]:
-    """Global block index -> the key prefix the model uses for it (``blocks.3.`` or ``blocks.0.3.``)."""
-    prefixes = {}
-    for key in model_keys:
-        chunked, flat = _CHUNKED.match(key), _FLAT.match(key)
-        if chunked:
-            prefixes[int(chunked.group(2))] = f"blocks.{chunked.group(1)}.{chunked.group(2)}."
-        elif flat:
-            prefixes[int(flat.group(1))] = f"blocks.{flat.group(1)}."
-    return prefixes
-
-
-def remap_block_keys(state_dict: Mapping[str, Tensor], model_keys) -> dict[str, Tensor]:
-    """``state_dict`` with its block keys in the layout of ``model_keys`` (other keys unchanged).
-    Blocks the model does not have keep their flat key (``load_exact`` then reports them)."""
-    prefixes = block_prefixes(model_keys)
+def flat_block_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with chunked block keys ``blocks.{chunk}.{i}.x`` renamed ``blocks.{i}.x`` (the released,
+    flat layout); other keys unchanged, values not copied."""
     out = {}
     for key, value in state_dict.items():
         parsed = block_index(key)
-        if parsed is None:
-            out[key] = value
-            continue
-        index, rest = parsed
-        out[prefixes.get(index, f"blocks.{index}.") + rest] = value
+        flat = key if parsed is None else f"blocks.{parsed[0]}.{parsed[1]}"
+        if flat in out:
+            raise ValueError(f"block keys {key!r} and another key both name {flat!r}: not one backbone's weights")
+        out[flat] = value
     return out
 
 
@@ -115,10 +101,10 @@ def resample_pos_embed(pos_embed: Tensor, target_shape, *, num_prefix_tokens: in
 
 def backbone_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module, *, source: str = "weights",
                        ffn_key: str = "ffn_layer") -> dict[str, Tensor]:
-    """``state_dict`` adapted to ``model`` (a ``DinoVisionTransformer``): block keys in the model's layout,
-    the position embedding on the model's grid, and a clear error for another feed-forward kind."""
+    """``state_dict`` adapted to ``model`` (a ``DinoVisionTransformer``): flat block keys, the position
+    embedding on the model's grid, and a clear error for another feed-forward kind."""
     model_state = model.state_dict()
-    out = remap_block_keys(state_dict, model_state.keys())
+    out = flat_block_keys(state_dict)
     check_ffn(out, model_state, source=source, ffn_key=ffn_key)
     if POS_EMBED in out and POS_EMBED in model_state:
         out[POS_EMBED] = resample_pos_embed(

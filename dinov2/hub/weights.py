@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dinov2.state_dicts import key_mismatches, listing
-from dinov2.checkpoint.metadata import describe, weights_only_refusal
+from dinov2.load_errors import describe, weights_only_refusal
 from dinov2.hub.description import DESCRIPTION_KEY, BackboneDescription, DescriptionError
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"

@@ -2,7 +2,7 @@
 
 from .attention import Attention
 from .attention_backends import BACKENDS as ATTENTION_BACKENDS
-from .block import Block, BlockChunk
+from .block import Block
 from .dino_head import DINOHead
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -15,6 +15,6 @@ MemEffAttention = Attention
 NestedTensorBlock = Block
 
 __all__ = [
-    "ATTENTION_BACKENDS", "Attention", "Block", "BlockChunk", "DINOHead", "LayerScale", "MemEffAttention",
+    "ATTENTION_BACKENDS", "Attention", "Block", "DINOHead", "LayerScale", "MemEffAttention",
     "Mlp", "NestedTensorBlock", "PackLayout", "PatchEmbed", "SwiGLUFFN", "SwiGLUFFNFused", "pack",
 ]

@@ -33,7 +33,7 @@ class Attention(nn.Module):
             raise ValueError("attention dropout is not supported by the fused kernels; use attn_drop=0")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5  # what every kernel applies; read where attention is recomputed (eval, ONNX)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)

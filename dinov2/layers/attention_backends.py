@@ -8,7 +8,8 @@ Backends (every one is tested against ``math`` on values and gradients):
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA): one flash kernel
   over the whole packed sequence with cumulative sequence lengths.
 - ``xformers``: ``memory_efficient_attention`` with a ``BlockDiagonalMask`` over the whole packed
-  sequence in one call. Index wheels often import fine but cannot run (see ENVIRONMENT.md).
+  sequence in one call. Package-index wheels often import fine but cannot run (xformers 0.0.35 ships no
+  CUDA kernels; 0.0.34 needs torch 2.10.0 exactly): hence the forward-and-backward probe below.
 - ``sdpa_masked``: one SDPA call over the whole packed sequence with a boolean block-diagonal
   mask. Correct but quadratic in the total token count; kept as the baseline benchmarks use.
 - ``auto`` (a request, never stored on a model): ``resolve_backend`` probes ``varlen`` and

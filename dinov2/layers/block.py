@@ -66,13 +66,3 @@ class Block(nn.Module):
                 x = x + drop_path_per_image(branch(x, layout), layout, rate)
             owned = True
         return x.view(dense_shape) if dense_shape is not None else x
-
-
-class BlockChunk(nn.ModuleList):
-    """A run of blocks; FSDP1-era grouping kept for checkpoint keys ``blocks.{chunk}.{i}``."""
-
-    def forward(self, x: Tensor, layout: PackLayout | None = None) -> Tensor:
-        for block in self:
-            if not isinstance(block, nn.Identity):
-                x = block(x, layout)
-        return x

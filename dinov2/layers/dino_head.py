@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 from torch.nn.utils.parametrizations import weight_norm
 
-from .initialization import InitStep, construction_steps, post_order, run_init_steps
+from .initialization import InitStep, construction_steps, post_order
 
 
 class DINOHead(nn.Module):
@@ -70,10 +70,6 @@ class DINOHead(nn.Module):
         linears = [m for m in post_order(self.mlp) if isinstance(m, nn.Linear)]
         return (construction_steps(self.mlp) + [(m, _init_linear) for m in linears]
                 + [(self.last_layer.parametrizations.weight, _init_weight_norm)])
-
-    def init_weights(self) -> None:
-        """Re-initialise in place, e.g. after building on the meta device and ``to_empty``."""
-        run_init_steps(self.init_steps())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

@@ -1,18 +1,16 @@
 """The plots of a run, from its metrics.jsonl: loss_curve.png, knn_curve.png (when kNN was logged) and
 monitors.png (collapse monitors against ln K). Every run draws them when it ends; ``dinov2-plot RUN_DIR``
-redraws them (e.g. during a run, or after one that was killed).
+(dinov2/cli/plot.py) redraws them (e.g. during a run, or after one that was killed).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .records import MetricsFileError, read_metrics
+from .records import read_metrics
 
 CURVES = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "ibot_loss", "koleo_loss")
 MONITORS = ("teacher_entropy", "teacher_batch_entropy")
@@ -127,33 +125,3 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     if any(key in row for row in rows for key in MONITORS):
         written.append(plot_monitors(run_dir, run_dir / "monitors.png", _n_prototypes(run_dir)))
     return written
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dinov2-plot", description="(Re)draw a training run's plots from its metrics.jsonl: loss_curve.png, "
-        "knn_curve.png (when kNN was logged) and monitors.png, into the run directory.",
-        epilog="Example: dinov2-plot runs/mine",
-    )
-    parser.add_argument("run_dir", help="a dinov2-train output directory (holds metrics.jsonl)")
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "metrics.jsonl").is_file():
-        print(f"dinov2-plot: error: {run_dir / 'metrics.jsonl'} not found (is {run_dir} a training run directory?)",
-              file=sys.stderr)
-        return 2
-    try:
-        written = write_plots(run_dir)
-    except (MetricsFileError, OSError) as error:
-        print(f"dinov2-plot: error: {error}", file=sys.stderr)
-        return 2
-    if not written:
-        print(f"dinov2-plot: {run_dir / 'metrics.jsonl'} has no records yet", file=sys.stderr)
-        return 1
-    for path in written:
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

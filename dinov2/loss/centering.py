@@ -13,9 +13,10 @@ Supervision", sec. 4) turns teacher logits into target distributions in one of t
   uniform over the global batch, found by alternately normalising prototype ("row" in
   the paper's K x B notation) and sample ("column") sums.
 
-Both need sums over the *global* batch. The helpers below all-reduce only when a process
-group with more than one process is initialised, so every loss also runs in a plain
-single process with ``torch.distributed`` never touched.
+Both need sums over the *global* batch: over the ranks of the ``process_group`` each loss is
+given (the trainer's ``DistributedEnv.process_group``). ``process_group=None`` means one process:
+nothing is all-reduced and ``torch.distributed`` is never touched. The default group is never
+looked up.
 """
 
 from __future__ import annotations
@@ -27,35 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov2.collectives import all_reduce_
+
 __all__ = [
-    "dist_world_size",
-    "all_reduce_",
     "softmax_center",
     "sinkhorn_knopp",
     "TeacherCentering",
 ]
-
-
-# ---------------------------------------------------------------------------------------
-# "All-reduce only when distributed" helpers
-# ---------------------------------------------------------------------------------------
-def dist_world_size() -> int:
-    """World size of the default process group, or 1 when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def all_reduce_(tensor: Tensor, op=None, async_op: bool = False):
-    """In-place all-reduce (sum by default) over the default group, only if world size > 1.
-
-    Returns the async work handle when ``async_op`` and a collective was issued, else None.
-    With one process the tensor already holds the global value, so nothing is done; this
-    is what lets the losses run without ``init_process_group``.
-    """
-    if dist_world_size() == 1:
-        return None
-    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, async_op=async_op)
 
 
 # ---------------------------------------------------------------------------------------
@@ -76,6 +55,7 @@ def sinkhorn_knopp(
     temp: float,
     n_iterations: int = 3,
     n_samples: Optional[Union[int, Tensor]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> Tensor:
     """Sinkhorn-Knopp soft assignments of samples to prototypes (SwAV, appendix A.1).
 
@@ -85,6 +65,7 @@ def sinkhorn_knopp(
         n_iterations: number of (prototype, sample) normalisation rounds.
         n_samples: number of samples ``B`` in the global batch. Accepted for compatibility with the
             official signature; the result does not depend on it (see below), so it is not used.
+        process_group: the ranks that hold the rest of the global batch (None: this process holds all of it).
 
     Returns:
         ``[B_local, K]`` float32 assignments: each sample's row sums to 1 and, at the
@@ -110,7 +91,7 @@ def sinkhorn_knopp(
         shift = teacher_logits.max().float().reshape(1)
     else:  # a rank may hold no sample (e.g. no masked patch); it must still join collectives
         shift = teacher_logits.new_full((1,), float("-inf"), dtype=torch.float32)
-    all_reduce_(shift, op=dist.ReduceOp.MAX)
+    all_reduce_(shift, process_group, op=dist.ReduceOp.MAX)
     E = teacher_logits - shift  # one pass, promoted to float32 by the float32 shift
     E.div_(temp).exp_()  # in (0, 1]
 
@@ -119,7 +100,7 @@ def sinkhorn_knopp(
     tiny = torch.finfo(E.dtype).tiny  # a prototype no sample reaches keeps weight 0 instead of 0 / 0
     for _ in range(n_iterations):
         per_prototype = torch.mv(E.t(), u)  # paper: row sums, global
-        all_reduce_(per_prototype)
+        all_reduce_(per_prototype, process_group)
         v = per_prototype.clamp_min(tiny).reciprocal()
         v = v / v.mean()  # fixes the free scale between u and v (identical on every rank: v is global)
         u = torch.mv(E, v).clamp_min(tiny).reciprocal()  # paper: column sums, local
@@ -143,11 +124,14 @@ class TeacherCentering(nn.Module):
     The per-process sum and count are reduced together in one tensor, so the mean is exact
     even when processes hold different numbers of samples (the official code divides by
     ``local_count * world_size``; identical for equal shards).
+
+    ``process_group``: the ranks over which the batch is global (None: one process, no collective).
     """
 
-    def __init__(self, center_shape: tuple, center_momentum: float):
+    def __init__(self, center_shape: tuple, center_momentum: float, process_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         self.center_momentum = center_momentum
+        self.process_group = process_group  # the ranks of the global batch; None: one process
         self.register_buffer("center", torch.zeros(center_shape))
         # (summed stats [D + 1], async handle or None) between reduce and apply; transient
         # by design, never part of the state dict.
@@ -170,7 +154,7 @@ class TeacherCentering(nn.Module):
         local_sum, count = self._center_statistics(teacher_output)
         # float32: a float16 all-reduce of sums over a large batch can overflow.
         stats = torch.cat([local_sum.float().reshape(-1), local_sum.new_full((1,), count, dtype=torch.float32)])
-        handle = all_reduce_(stats, async_op=True)
+        handle = all_reduce_(stats, self.process_group, async_op=True)
         self._pending = (stats, handle)
 
     @torch.no_grad()

@@ -15,9 +15,10 @@ the caller excludes same-view pairs by what it passes in.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -31,10 +32,12 @@ class DINOLoss(TeacherCentering):
         out_dim: number of prototypes K (DINO head output size).
         student_temp: student softmax temperature ``tau_s``.
         center_momentum: EMA momentum ``m`` of the ``center`` buffer ``[1, out_dim]``.
+        process_group: the ranks whose global batch centers and Sinkhorn sums cover (None: one process).
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__((1, out_dim), center_momentum)
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 process_group: Optional[dist.ProcessGroup] = None):
+        super().__init__((1, out_dim), center_momentum, process_group)
         self.student_temp = student_temp
 
     @torch.no_grad()
@@ -45,7 +48,7 @@ class DINOLoss(TeacherCentering):
     @torch.no_grad()
     def sinkhorn_knopp_teacher(self, teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
         """Sinkhorn-Knopp targets ``[B_local, K]`` over the global batch ``B_local * world_size``."""
-        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations, process_group=self.process_group)
 
     def forward(
         self, student_output_list: Sequence[Tensor], teacher_out_softmaxed_centered_list: Sequence[Tensor]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,10 +40,12 @@ class iBOTPatchLoss(TeacherCentering):
         patch_out_dim: number of patch prototypes K (iBOT head output size).
         student_temp: student softmax temperature ``tau_s``.
         center_momentum: EMA momentum of the ``center`` buffer ``[1, 1, patch_out_dim]``.
+        process_group: the ranks whose global batch centers and Sinkhorn sums cover (None: one process).
     """
 
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__((1, 1, patch_out_dim), center_momentum)
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 process_group: Optional[dist.ProcessGroup] = None):
+        super().__init__((1, 1, patch_out_dim), center_momentum, process_group)
         self.student_temp = student_temp
 
     @torch.no_grad()
@@ -65,7 +68,7 @@ class iBOTPatchLoss(TeacherCentering):
         depend on the global sample count (see ``sinkhorn_knopp``), so no count is moved to the device
         or all-reduced. The caller's tensor is not modified.
         """
-        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations)
+        return sinkhorn_knopp(teacher_output, teacher_temp, n_iterations=n_iterations, process_group=self.process_group)
 
     def forward(self, student_patch_tokens: Tensor, teacher_patch_tokens: Tensor, student_masks_flat: Tensor) -> Tensor:
         """Loss on full token grids.

@@ -16,11 +16,12 @@ from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
 from dinov2.configs.choices import Arch, FfnLayer
-from dinov2.layers import Attention, Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused, pack
+from dinov2.layers import Attention, Block, Mlp, PatchEmbed, SwiGLUFFNFused, pack
 from dinov2.layers.attention_backends import resolve_backend, validate_backend
 from dinov2.layers.layer_norm import LayerNorm
 from dinov2.layers.initialization import InitStep, construction_steps, post_order, run_init_steps
 from dinov2.layers.packing import PackLayout
+from dinov2.models.arch import ARCH_SHAPES
 from dinov2.models.pos_embed import resample_patch_pos_embed
 
 FFN_LAYERS = FfnLayer.values()  # defined once, in the config schema's enums
@@ -48,6 +49,15 @@ def init_weights_vit_timm(module: nn.Module) -> None:
 
 
 class DinoVisionTransformer(nn.Module):
+    """The official ``DinoVisionTransformer`` (same arguments) with the released, flat block keys ``blocks.{i}``.
+
+    ``block_chunks`` does not change the module tree (officially it grouped the blocks in ``BlockChunk``
+    containers, keys ``blocks.{chunk}.{i}``, each one FSDP1 unit). It must be 0 or divide ``depth`` and keeps
+    its sharding meaning only: ``dinov2.distributed.fsdp`` makes each run of ``depth / block_chunks``
+    consecutive blocks one FSDP unit (0: one unit per block). Chunked state dicts load through
+    ``dinov2.hub.filters.backbone_filter_fn``.
+    """
+
     def __init__(
         self,
         img_size: int = 224,
@@ -67,7 +77,7 @@ class DinoVisionTransformer(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.GELU,
         block_fn: Callable[..., nn.Module] = Block,
         ffn_layer: str = "mlp",
-        block_chunks: int = 1,
+        block_chunks: int = 0,
         num_register_tokens: int = 0,
         interpolate_antialias: bool = False,
         interpolate_offset: float = 0.1,
@@ -110,15 +120,8 @@ class DinoVisionTransformer(nn.Module):
             )
             for i in range(depth)
         ]
-        self.chunked_blocks = block_chunks > 0
-        if self.chunked_blocks:
-            # Identity padding keeps the global block index in the key: blocks.{chunk}.{i}.
-            size = depth // block_chunks
-            self.blocks = nn.ModuleList(
-                BlockChunk([nn.Identity()] * start + blocks[start : start + size]) for start in range(0, depth, size)
-            )
-        else:
-            self.blocks = nn.ModuleList(blocks)
+        self.blocks = nn.ModuleList(blocks)
+        self.block_chunks = block_chunks  # FSDP units of consecutive blocks (dinov2.distributed.fsdp); 0 = per block
 
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()
@@ -144,12 +147,6 @@ class DinoVisionTransformer(nn.Module):
         """Every random draw of a fresh build, in order: constructors' defaults, then ``init_weights``.
         Run them (``run_init_steps``) after ``to_empty`` to get the weights a plain build would have."""
         return construction_steps(self) + self._explicit_init_steps()
-
-    def block_list(self) -> list[nn.Module]:
-        """The transformer blocks in order, whether or not they are grouped in chunks."""
-        if not self.chunked_blocks:
-            return list(self.blocks)
-        return [b for chunk in self.blocks for b in chunk if not isinstance(b, nn.Identity)]
 
     def set_attention_backend(self, name: str) -> None:
         """Store a concrete attention kernel on every block (see ``resolve_attention_backend`` for ``auto``)."""
@@ -257,7 +254,7 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ intermediate layers
     def _get_intermediate_layers(self, x: Tensor, n: int | Sequence[int]) -> list[Tensor]:
-        blocks = self.block_list()
+        blocks = list(self.blocks)
         wanted = set(range(len(blocks) - n, len(blocks))) if isinstance(n, int) else set(n)
         if not wanted or min(wanted) < 0 or max(wanted) >= len(blocks):
             raise ValueError(f"requested blocks {sorted(wanted)} but the model has blocks 0..{len(blocks) - 1}")
@@ -305,10 +302,11 @@ def _builder(embed_dim: int, depth: int, num_heads: int, doc: str):
     return build
 
 
-vit_small = _builder(384, 12, 6, "ViT-S: embed dim 384, 12 blocks, 6 heads.")
-vit_base = _builder(768, 12, 12, "ViT-B: embed dim 768, 12 blocks, 12 heads.")
-vit_large = _builder(1024, 24, 16, "ViT-L: embed dim 1024, 24 blocks, 16 heads.")
-vit_giant2 = _builder(1536, 40, 24, "Close to ViT-giant, with embed dim 1536 and 24 heads => 64 per head; 40 blocks.")
+vit_small = _builder(*ARCH_SHAPES["vit_small"], "ViT-S: embed dim 384, 12 blocks, 6 heads.")
+vit_base = _builder(*ARCH_SHAPES["vit_base"], "ViT-B: embed dim 768, 12 blocks, 12 heads.")
+vit_large = _builder(*ARCH_SHAPES["vit_large"], "ViT-L: embed dim 1024, 24 blocks, 16 heads.")
+vit_giant2 = _builder(*ARCH_SHAPES["vit_giant2"],
+                      "Close to ViT-giant, with embed dim 1536 and 24 heads => 64 per head; 40 blocks.")
 for _name in Arch.values():
     globals()[_name].__name__ = globals()[_name].__qualname__ = _name
 

@@ -65,13 +65,19 @@ def resolve_num_workers(num_workers: int) -> int:
     return default_num_workers(cores, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def mask_probability(cfg) -> float:
+    """The share of global crops the loader draws iBOT masks for: none when distilling (the recipe's student
+    sees unmasked crops and the iBOT loss covers every patch; the batch keeps its all-False masks)."""
+    return 0.0 if cfg.distillation.teacher else float(cfg.ibot.mask_sample_probability)
+
+
 def build_train_loader(cfg, dataset: Dataset, *, start: int, rank: int = 0, world_size: int = 1):
     mask_generator, n_tokens = build_mask_generator(cfg)
     return make_ssl_data_loader(
         dataset, build_transform(cfg),
         batch_size_per_rank=cfg.train.batch_size_per_gpu, num_workers=resolve_num_workers(cfg.data.num_workers),
         seed=cfg.train.seed, rank=rank, world_size=world_size, start=start,
-        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max), mask_probability=cfg.ibot.mask_sample_probability,
+        mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max), mask_probability=mask_probability(cfg),
         n_tokens=n_tokens, mask_generator=mask_generator, prefetch_factor=cfg.data.prefetch_factor,
     )
 

@@ -30,7 +30,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from dinov2.compute import autocast_dtype
 from dinov2.configs import ConfigError, load_config
 from dinov2.data import SSLBatch
-from dinov2.train.ssl_meta_arch import SSLMetaArch, _head
+from dinov2.seeding import STREAM_TEACHER_PATCHES, torch_generator
+from dinov2.train.ssl_meta_arch import N_GLOBAL_CROPS, SSLMetaArch, _head
 from dinov2.train.teacher_heads import PrototypeHead, fit_prototypes
 
 logger = logging.getLogger(__name__)
@@ -203,30 +203,58 @@ def _without_stochastic_depth(cfg):
 class DistillationMetaArch(SSLMetaArch):
     """``SSLMetaArch`` whose ``teacher`` is the frozen teacher and whose ``student_ema`` is the final model."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, process_group=None) -> None:
+        # Built under torch.device("meta") (compute.meta_init) like the student: the teacher's weights are read
+        # on the CPU, kept as one state dict and loaded after sharding (``load_frozen_teacher_``), so no process
+        # ever holds the whole teacher on its device.
+        on_meta = torch.empty(0).is_meta
         # Read and checked before anything is built; the teacher's build draws no numbers from the global
         # RNG, so the student starts from exactly the weights a from-scratch run with this seed has.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             frozen = load_teacher(cfg)
-        super().__init__(_without_stochastic_depth(cfg))
+        super().__init__(_without_stochastic_depth(cfg), process_group)
         self.student_ema = self.teacher  # the student without drop path, from the same initial weights
         self.head_method = heads_method(cfg, has_trained_heads=frozen.heads is not None)
-        heads = frozen.heads if self.head_method == "trained" else self._prototype_heads(frozen.backbone.embed_dim)
+        with torch.device("cpu"):
+            heads = frozen.heads if self.head_method == "trained" else self._prototype_heads(frozen.backbone.embed_dim)
         self.teacher = nn.ModuleDict({"backbone": frozen.backbone, **heads})
         self.teacher.requires_grad_(False)
         self.teacher_source = frozen.source
-        for name, value in frozen.centers.items():
-            if self.head_method == "trained":
-                self.get_submodule(name.rsplit(".", 1)[0]).center.copy_(value)
+        # The frozen teacher and (trained heads) its loss centers: set now, or after sharding when built on meta.
+        state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        if self.head_method == "trained":
+            state.update(frozen.centers)
+        self._frozen_state: dict[str, Tensor] | None = None
+        if on_meta:
+            self._frozen_state = state
+            self.teacher.to("meta")
+        else:
+            self.load_state_dict({k: v for k, v in state.items() if not k.startswith("teacher.")}, strict=False)
         # The teacher's own input normalisation: x_teacher = x * scale + shift (per channel) on the student's input.
-        student_mean, student_std = torch.tensor(self.crop_mean), torch.tensor(self.crop_std)
-        scale = student_std / torch.tensor(frozen.std)
-        shift = (student_mean - torch.tensor(frozen.mean)) / torch.tensor(frozen.std)
+        student_mean, student_std = torch.tensor(self.crop_mean, device="cpu"), torch.tensor(self.crop_std, device="cpu")
+        scale = student_std / torch.tensor(frozen.std, device="cpu")
+        shift = (student_mean - torch.tensor(frozen.mean, device="cpu")) / torch.tensor(frozen.std, device="cpu")
         self._input_map = None if torch.allclose(scale, torch.ones_like(scale)) and not shift.any() else (
             tuple(scale.tolist()), tuple(shift.tolist()))
         logger.info("distillation: frozen teacher %s (%.2f M parameters, dim %d), heads: %s", frozen.source,
                     sum(p.numel() for p in frozen.backbone.parameters()) / 1e6, frozen.backbone.embed_dim,
                     self.head_method)
+
+    @torch.no_grad()
+    def load_frozen_teacher_(self) -> None:
+        """After a meta build has been sharded and materialised (``materialize_`` initialises the student and
+        its EMA, not the teacher): write the teacher's weights and its loss centers, each rank its shards."""
+        if self._frozen_state is None:
+            return
+        targets = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        for name, value in self._frozen_state.items():
+            target = targets[name]
+            value = value.to(target.device)
+            if isinstance(target, nn.Parameter):
+                _set_parameter(target, value)
+            else:
+                target.copy_(value.view_as(target))
+        self._frozen_state = None
 
     def _prototype_heads(self, teacher_dim: int) -> dict[str, nn.Module]:
         """Heads of the student's prototype counts, to be fitted on the teacher's features: one on class and
@@ -283,23 +311,32 @@ def every_patch(batch: SSLBatch) -> SSLBatch:
 def teacher_features(model: DistillationMetaArch, cfg, dataset, device: torch.device) -> dict[str, Tensor]:
     """Teacher class tokens and (at most 4 per crop, seeded) patch tokens of the global crops of the first
     ``distillation.kmeans_images`` training images, as the training loader augments them. Every rank computes
-    the same (the teacher is sharded: all ranks take part in each forward)."""
+    the same (the teacher is sharded: all ranks take part in each forward). Rows are image-major (image, crop)
+    and the patches of image p are drawn from (seed, p): the features, hence the fitted heads, do not depend on
+    ``train.batch_size_per_gpu`` (so not on how a global batch is split over ranks either)."""
     from dinov2.train.build import build_train_loader
 
     n_images = min(int(cfg.distillation.kmeans_images), len(dataset))
     loader = build_train_loader(cfg, dataset, start=0)
     dtype = autocast_dtype(cfg.compute.precision)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
     cls, patches = [], []
     batches = iter(loader)
-    for _ in range(math.ceil(n_images / cfg.train.batch_size_per_gpu)):
+    seen = 0
+    while seen < n_images:
         batch = model.normalized(next(batches).to(device))
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             out = model.teacher.backbone(model.teacher_input(batch.global_crops), is_training=True)
-        tokens = out["x_norm_patchtokens"].float()
-        keep = torch.rand(tokens.shape[:2], generator=generator).argsort(1)[:, :4].to(device)
-        cls.append(out["x_norm_clstoken"].float())
-        patches.append(tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])).flatten(0, 1))
+        n_crops = N_GLOBAL_CROPS
+        images = min(out["x_norm_clstoken"].shape[0] // n_crops, n_images - seen)
+        # crop-major [crop, image] -> image-major [image, crop]
+        cls_tokens = out["x_norm_clstoken"].float().unflatten(0, (n_crops, -1)).transpose(0, 1)[:images].flatten(0, 1)
+        tokens = out["x_norm_patchtokens"].float().unflatten(0, (n_crops, -1)).transpose(0, 1)[:images]
+        keep = torch.stack([torch.rand(n_crops, tokens.shape[2], generator=torch_generator(
+            cfg.train.seed, STREAM_TEACHER_PATCHES, seen + i)).argsort(1)[:, :4] for i in range(images)]).to(device)
+        tokens = tokens.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, tokens.shape[-1]))
+        cls.append(cls_tokens)
+        patches.append(tokens.flatten(0, 2))
+        seen += images
     del batches
     return {"cls": torch.cat(cls), "patch": torch.cat(patches)}
 

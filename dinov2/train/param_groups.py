@@ -24,10 +24,7 @@ def layer_id(name: str, depth: int) -> int:
     if local.split(".")[0] in _EMBEDDING_PARAMS:
         return 0
     if local.startswith("blocks."):
-        parts = local.split(".")
-        # blocks.{i}.... or, chunked, blocks.{chunk}.{i}....
-        index = parts[2] if parts[2].isdigit() else parts[1]
-        return int(index) + 1
+        return int(local.split(".")[1]) + 1  # blocks.{i}.... (the model's blocks are flat)
     return depth + 1
 
 

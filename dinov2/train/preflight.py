@@ -1,7 +1,9 @@
 """``dinov2-train --dry-run``: what a run would do, before it does it.
 
 Images found, steps per epoch, total steps, passes over the data, the lr after batch scaling, the
-parameter count, device and precision, and an ETA from a few timed training steps, with warnings
+parameter count, device and precision, the high-resolution phase (checked by the same ``plan_phases`` as
+the real run: sizes multiple of the patch, steps within the run), and an ETA from a few timed training
+steps, with warnings
 for settings that waste a run (many passes over a tiny set, an epoch of fixed length far from one
 pass, more prototypes than images, bf16/fp16 on a CPU).
 
@@ -25,7 +27,8 @@ import torch
 from dinov2.checkpoint import CheckpointManager
 from dinov2.compute import intra_op_threads, resolve_device
 from dinov2.train.build import build_dataset, build_train_loader
-from dinov2.train.run_plan import AUTO, RunPlan, plan_run
+from dinov2.train.phases import Phase, plan_phases
+from dinov2.train.run_plan import AUTO, RunPlan, plan_run, with_epoch_length
 
 logger = logging.getLogger("dinov2.train")
 
@@ -42,6 +45,8 @@ class Preflight:
     world_size: int
     parameters: dict[str, int]  # module -> parameters (student side; the teacher is an EMA copy)
     resume_step: int = 0
+    high_res: Phase | None = None  # the high-resolution phase (None: off) and its first step
+    high_res_start: int = 0
     step_seconds: float | None = None  # median of the timed steps (data loading included)
     warnings: list[str] = field(default_factory=list)
 
@@ -137,12 +142,15 @@ def preflight(cfg, output_dir: str | Path | None, *, timed_steps: int = 3, train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dataset = build_dataset(cfg.data.dataset, cfg.student.in_chans)
     plan = plan_run(cfg, len(dataset), world_size)
+    # The real run's check (Trainer: plan_phases on the schedules' length), before anything is timed.
+    phases = plan_phases(with_epoch_length(cfg, plan.num_images, plan.global_batch_size),
+                         plan.epochs * plan.steps_per_epoch)
     device = resolve_device(cfg.compute.device)
     report = Preflight(
         plan=plan, dataset=cfg.data.dataset, device=str(device), precision=str(cfg.compute.precision),
         world_size=world_size, parameters=count_parameters(cfg),
         resume_step=_resume_step(Path(output_dir)) if output_dir else 0,
-        warnings=plan_warnings(cfg, plan, device),
+        warnings=plan_warnings(cfg, plan, device), high_res=phases.high_res, high_res_start=phases.switch_step,
     )
     if timed_steps > 0 and world_size == 1 and trainer_class is not None:
         with intra_op_threads(cfg.compute.num_threads):  # as dinov2-train runs
@@ -176,6 +184,11 @@ def format_preflight(report: Preflight, output_dir: str | Path | None) -> str:
         + " (student; the EMA teacher is a copy)",
         f"  device:           {report.device}, precision {report.precision}",
     ]
+    if report.high_res is not None:
+        high = report.high_res
+        lines.append(f"  high resolution:  steps {report.high_res_start:,}-{plan.epochs * plan.steps_per_epoch - 1:,}: "
+                     f"global crops {high.global_crops_size} px, local {high.local_crops_size} px, "
+                     f"batch {high.batch_size_per_gpu} per process")
     if output_dir:
         where = f"resumes at step {report.resume_step:,}" if report.resume_step else "starts at step 0"
         lines.append(f"  run directory:    {output_dir} ({where})")

@@ -1,5 +1,7 @@
 """The run directory: one run at a time, and a fresh start never mixes with an old run.
 
+* ``prepare_output_dir``: rank 0 creates it, every rank checks it sees it writable (a shared filesystem).
+
 * ``RunLock``: an exclusive ``flock`` on ``RUN_DIR/.lock`` held by rank 0 for the life of the run.
   The kernel drops it when the process dies (``kill -9`` included), so a stale lock never blocks a
   restart; a second run in the same directory fails at once naming the holder (host, pid, start).
@@ -17,6 +19,10 @@ import os
 import socket
 import time
 from pathlib import Path
+
+from dinov2.collectives import raise_if_any_rank_failed
+from dinov2.distributed import DistributedEnv
+from dinov2.train.build import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,24 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def prepare_output_dir(output_dir: str | Path, env: DistributedEnv) -> Path:
+    """Rank 0 creates the directory; every rank checks that it sees it writable (a shared filesystem).
+    A failure on any rank raises on all of them instead of leaving the others in a collective."""
+    path = Path(output_dir)
+    error = None
+    if env.is_main:
+        try:
+            ensure_writable_dir(path)
+        except PermissionError as failure:
+            error = failure
+    raise_if_any_rank_failed(error, f"creating the output directory {path}", env.process_group)
+    if not env.is_main and not (path.is_dir() and os.access(path, os.W_OK)):
+        error = PermissionError(f"output directory {path} is not visible or not writable on rank {env.rank} "
+                                f"(it must be on a filesystem shared by all nodes)")
+    raise_if_any_rank_failed(error, f"checking the output directory {path}", env.process_group)
+    return path
 
 
 def archive_previous_run(directory: str | Path) -> Path | None:

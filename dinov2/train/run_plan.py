@@ -14,6 +14,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+from dinov2.configs import ConfigError
 from dinov2.train.schedules import scaled_learning_rate
 
 AUTO = "auto"
@@ -33,6 +34,22 @@ def global_batch_size(cfg, world_size: int = 1) -> int:
     if cfg.train.global_batch_size is not None:
         return int(cfg.train.global_batch_size)
     return cfg.train.batch_size_per_gpu * world_size * cfg.compute.grad_accum_steps
+
+
+def with_batch_size_per_gpu(cfg, world_size: int):
+    """``cfg`` with ``train.batch_size_per_gpu`` derived from ``train.global_batch_size`` when that is set."""
+    total = cfg.train.global_batch_size
+    if total is None:
+        return cfg
+    per_step = world_size * cfg.compute.grad_accum_steps
+    if total % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={total} is not divisible by world size {world_size} x "
+            f"compute.grad_accum_steps={cfg.compute.grad_accum_steps}; pick a multiple of {per_step}"
+        )
+    cfg = copy.deepcopy(cfg)  # DictConfig.copy() is shallow: the caller's cfg.train would change too
+    cfg.train.batch_size_per_gpu = total // per_step
+    return cfg
 
 
 def with_epoch_length(cfg, num_images: int, global_batch: int):

@@ -20,23 +20,16 @@ from dinov2.hub.filters import backbone_filter_fn
 from dinov2.hub.weights import load_exact, load_state_dict_from, resolve_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.models.arch import backbone_kwargs
 from dinov2.models.vision_transformer import DinoVisionTransformer, build_vit
 
 N_GLOBAL_CROPS = 2
 
 
 def build_backbone(student_cfg, img_size: int, *, with_drop_path: bool) -> DinoVisionTransformer:
-    kwargs = dict(
-        patch_size=student_cfg.patch_size, img_size=img_size, init_values=student_cfg.layerscale,
-        ffn_layer=student_cfg.ffn_layer, block_chunks=student_cfg.block_chunks, qkv_bias=student_cfg.qkv_bias,
-        proj_bias=student_cfg.proj_bias, ffn_bias=student_cfg.ffn_bias,
-        num_register_tokens=student_cfg.num_register_tokens, interpolate_antialias=student_cfg.interpolate_antialias,
-        interpolate_offset=student_cfg.interpolate_offset, in_chans=student_cfg.in_chans,
-        attention_backend=student_cfg.attention_backend,
-    )
-    for key in ("embed_dim", "depth", "num_heads"):
-        if student_cfg[key] is not None:
-            kwargs[key] = student_cfg[key]
+    """The architecture exports describe (``backbone_kwargs``) plus the training-only settings."""
+    kwargs = dict(backbone_kwargs(student_cfg, img_size), block_chunks=student_cfg.block_chunks,
+                  attention_backend=student_cfg.attention_backend)
     if with_drop_path:
         kwargs.update(drop_path_rate=student_cfg.drop_path_rate, drop_path_uniform=student_cfg.drop_path_uniform)
     return build_vit(student_cfg.arch, **kwargs)
@@ -54,7 +47,8 @@ def _entropy(probabilities: Tensor) -> Tensor:
 
 
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, process_group=None) -> None:
+        """``process_group``: the ranks whose global batch the losses center over (None: one process)."""
         super().__init__()
         self.cfg = cfg
         self.do_dino = cfg.dino.loss_weight > 0
@@ -85,9 +79,9 @@ class SSLMetaArch(nn.Module):
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.requires_grad_(False)
 
-        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes, process_group=process_group)
         ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
-        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
+        self.ibot_patch_loss = iBOTPatchLoss(ibot_dim, process_group=process_group)
         self.koleo_loss = KoLeoLoss()
 
     def train(self, mode: bool = True) -> "SSLMetaArch":

@@ -88,3 +88,29 @@ def fit_prototypes(head: PrototypeHead, features: Tensor, method: str, iteration
     assigned = (centred @ prototypes.t()).argmax(1)
     return {"mean": mean, "prototypes": prototypes, "points": features.shape[0],
             "used_prototypes": int(torch.unique(assigned).numel())}
+
+
+@torch.no_grad()
+def target_statistics(targets: Tensor, labels: Tensor | None = None) -> dict[str, float]:
+    """How much a teacher's target distributions ``[N, K]`` (rows sum to 1) tell the student, in nats:
+
+    * ``entropy``: mean per-sample entropy H(p_i) (the floor of the cross-entropy loss the student can reach);
+    * ``marginal_entropy``: H(mean_i p_i) (how many prototypes the batch spreads over);
+    * ``information``: their difference, the mutual information I(image; prototype) of the soft assignment;
+    * ``label_information``: I(label; prototype) = H(mean p) - sum_y P(y) H(mean of p over label y), when
+      ``labels`` are given (at most ln of the number of classes).
+
+    ``benchmarks/distill_targets.py`` measures the heads of a distillation teacher with it."""
+    p = targets.double()
+
+    def entropy(q: Tensor) -> Tensor:
+        return -(q * q.clamp_min(1e-300).log()).sum(-1)
+
+    marginal = entropy(p.mean(0))
+    stats = {"entropy": float(entropy(p).mean()), "marginal_entropy": float(marginal)}
+    stats["information"] = stats["marginal_entropy"] - stats["entropy"]
+    if labels is not None:
+        classes, counts = labels.unique(return_counts=True)
+        conditional = sum(float(c) / len(labels) * float(entropy(p[labels == y].mean(0))) for y, c in zip(classes, counts))
+        stats["label_information"] = float(marginal) - conditional
+    return stats

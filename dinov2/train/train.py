@@ -1,7 +1,9 @@
 """The DINOv2 trainer: one loop that reads top to bottom.
 
-    dinov2-train --config train/vitl14.yaml --output-dir runs/x key=value ...
-    torchrun --nproc-per-node 8 -m dinov2.train.train --config ... --output-dir ...   (or dinov2-submit)
+    Trainer(cfg, output_dir, env=env).fit()      (``run`` joins the process group around it)
+
+The command line is ``dinov2-train`` (``dinov2.cli.train``; ``torchrun -m dinov2.cli.train`` or
+``dinov2-submit`` to scale out).
 
 Each step: schedules -> (micro-batches: teacher targets, packed student pass, losses, backward)
 -> unscale/clip -> finiteness decided on the device -> AdamW -> EMA teacher. A non-finite step
@@ -26,11 +28,8 @@ nothing of this runs and the single-process path is unchanged.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import logging
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -39,30 +38,25 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from dinov2.checkpoint import (
-    CheckpointManager, CheckpointReadError, CheckpointSaveError, UnsafeCheckpointError, read_metadata,
-)
+from dinov2.checkpoint import CheckpointManager, CheckpointReadError, UnsafeCheckpointError, read_metadata
 from dinov2.checkpoint.rng import get_rng_state, rank_key, seed_rank, seed_resumed_rank, set_rng_state
-from dinov2.compute import DeviceError, autocast_dtype, intra_op_threads, resolve_device
-from dinov2.configs import ConfigError, load_config, save_config
-from dinov2.distributed import (
-    DistributedEnv, DistributedSetupError, distributed_session, mean_over_ranks, raise_if_any_rank_failed,
-)
-from dinov2.distributed.parallelize import build_training_model
+from dinov2.collectives import all_reduce_, mean_over_ranks
+from dinov2.compute import autocast_dtype, intra_op_threads, resolve_device
+from dinov2.configs import save_config
+from dinov2.distributed import DistributedEnv, DistributedSetupError, distributed_session
 from dinov2.logging import MetricsWriter
-from dinov2.logging.console import setup_logging
-from dinov2.train.health import CollapseWatch
-from dinov2.train.knn_monitor import KnnMonitor
-from dinov2.train.build import build_dataset, build_train_loader, ensure_writable_dir
+from dinov2.train.build import build_dataset, build_train_loader
 from dinov2.train.distillation import fit_teacher_heads
-from dinov2.train.preflight import log_plan_warnings, preflight_cli
-from dinov2.train.summary import run_summary
-from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
-from dinov2.train.run_dir import RunDirectoryBusyError, RunLock, archive_previous_run
-from dinov2.train.run_plan import with_epoch_length
 from dinov2.train.head_warmup import backbone_frozen, drop_backbone_grads, drop_unsaved_optimizer_state
+from dinov2.train.health import CollapseWatch
 from dinov2.train.init_from import init_model_from
+from dinov2.train.knn_monitor import KnnMonitor
+from dinov2.train.model import build_training_model
+from dinov2.train.param_groups import apply_schedule_to_groups, build_param_groups
 from dinov2.train.phases import PhasedBatches, plan_phases
+from dinov2.train.preflight import log_plan_warnings
+from dinov2.train.run_dir import RunLock, archive_previous_run, prepare_output_dir
+from dinov2.train.run_plan import with_batch_size_per_gpu, with_epoch_length
 from dinov2.train.schedules import build_schedules
 from dinov2.train.signals import StopOnSignal, TrainingInterrupted
 
@@ -71,40 +65,6 @@ logger = logging.getLogger("dinov2.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def with_batch_size_per_gpu(cfg, world_size: int):
-    """``cfg`` with ``train.batch_size_per_gpu`` derived from ``train.global_batch_size`` when that is set."""
-    total = cfg.train.global_batch_size
-    if total is None:
-        return cfg
-    per_step = world_size * cfg.compute.grad_accum_steps
-    if total % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={total} is not divisible by world size {world_size} x "
-            f"compute.grad_accum_steps={cfg.compute.grad_accum_steps}; pick a multiple of {per_step}"
-        )
-    cfg = copy.deepcopy(cfg)  # DictConfig.copy() is shallow: the caller's cfg.train would change too
-    cfg.train.batch_size_per_gpu = total // per_step
-    return cfg
-
-
-def _prepare_output_dir(output_dir: str | Path, env: DistributedEnv) -> Path:
-    """Rank 0 creates the directory; every rank checks that it sees it writable (a shared filesystem).
-    A failure on any rank raises on all of them instead of leaving the others in a collective."""
-    path = Path(output_dir)
-    error = None
-    if env.is_main:
-        try:
-            ensure_writable_dir(path)
-        except PermissionError as failure:
-            error = failure
-    raise_if_any_rank_failed(error, f"creating the output directory {path}")
-    if not env.is_main and not (path.is_dir() and os.access(path, os.W_OK)):
-        error = PermissionError(f"output directory {path} is not visible or not writable on rank {env.rank} "
-                                f"(it must be on a filesystem shared by all nodes)")
-    raise_if_any_rank_failed(error, f"checking the output directory {path}")
-    return path
 
 
 class Trainer:
@@ -116,7 +76,7 @@ class Trainer:
         self.env = env
         self.rank, self.world_size = env.rank, env.world_size
         self.cfg = cfg = with_batch_size_per_gpu(cfg, self.world_size)
-        self.output_dir = _prepare_output_dir(output_dir, env)
+        self.output_dir = prepare_output_dir(output_dir, env)
         # Rank 0 holds the run directory for the life of the run (a second run is refused at once).
         self._lock = RunLock(self.output_dir).acquire() if env.is_main else None
         try:
@@ -292,11 +252,11 @@ class Trainer:
 
     def _all_ranks(self, flag: torch.Tensor) -> torch.Tensor:
         """``flag`` (0-dim bool on the device) true on every rank; an all-reduce on the device, no host sync."""
-        if self.env.is_distributed:
-            value = flag.to(torch.int32)
-            dist.all_reduce(value, op=dist.ReduceOp.MIN)
-            return value.bool()
-        return flag
+        if self.env.process_group is None:
+            return flag
+        value = flag.to(torch.int32)
+        all_reduce_(value, self.env.process_group, op=dist.ReduceOp.MIN)
+        return value.bool()
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches. Returns device tensors, among
@@ -435,7 +395,7 @@ class Trainer:
                     self._sync_nonfinite_count()
                     if not bool(logs["skipped"]):  # a skipped step's losses are NaN: nothing to log
                         if self.env.is_distributed:  # metrics describe the global batch
-                            last = mean_over_ranks(logs, self.device)
+                            last = mean_over_ranks(logs, self.device, self.env.process_group)
                         else:
                             last = {k: float(v) for k, v in logs.items()}
                         del last["skipped"]
@@ -472,29 +432,6 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="dinov2-train", description="DINOv2 self-supervised pretraining on one machine (see dinov2-submit to scale out).",
-        epilog="Example: dinov2-train --config train/demo_mnist.yaml --output-dir runs/demo optim.epochs=5",
-    )
-    parser.add_argument("--config", default=None, help="recipe YAML (a path, or relative to the packaged configs/)")
-    parser.add_argument("--output-dir", help="where config, metrics, checkpoints go (required to train)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="start fresh; a run already in the output directory is moved to OUTPUT_DIR/previous_runs/")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (every key with its description, default and valid values) and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what the run would do (images, steps, passes, lr, parameters, device, ETA from a "
-                        "few timed steps) and warnings, then exit; nothing is written to the output directory")
-    parser.add_argument("--dry-run-steps", type=int, default=3, metavar="N",
-                        help="training steps the dry run times for its ETA (default 3; 0 = no timing)")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. optim.base_lr=1e-3)")
-    args = parser.parse_args(argv)
-    if args.output_dir is None and not (args.print_config or args.dry_run):
-        parser.error("--output-dir is required to train (only --print-config and --dry-run do without it)")
-    return args
-
-
 def run(cfg, output_dir: str | Path, *, resume: bool = True) -> tuple[dict, DistributedEnv]:
     """Join the process group ``cfg.distributed`` describes (or none), train, leave the group.
     Returns the last logged metrics and where this process sat in the job."""
@@ -502,32 +439,3 @@ def run(cfg, output_dir: str | Path, *, resume: bool = True) -> tuple[dict, Dist
         if not env.is_main:  # one copy of the INFO log, from rank 0
             logging.getLogger("dinov2").setLevel(logging.WARNING)
         return Trainer(cfg, output_dir, resume=resume, env=env).fit(), env
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(logging.INFO)  # third-party INFO noise (the faiss loader) stays quiet
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config or args.dry_run:
-            return preflight_cli(cfg, args.output_dir, print_config=args.print_config, dry_run=args.dry_run,
-                                 timed_steps=args.dry_run_steps, trainer_class=Trainer)
-        result, env = run(cfg, args.output_dir, resume=not args.no_resume)
-    except TrainingInterrupted as stopped:
-        print(f"dinov2-train: {stopped}", file=sys.stderr)
-        return stopped.exit_code
-    except KeyboardInterrupt:
-        print("dinov2-train: interrupted (a second Ctrl-C: no checkpoint written for the current step)", file=sys.stderr)
-        return 130
-    except (ConfigError, NonFiniteLossError, PermissionError, FileNotFoundError, ValueError, DistributedSetupError, DeviceError,
-            RunDirectoryBusyError, CheckpointSaveError) as error:
-        # CheckpointMismatchError, CheckpointReadError and MetricsFileError are ValueErrors
-        print(f"dinov2-train: error: {error}", file=sys.stderr)
-        return 2
-    if env.is_main:
-        print(run_summary(args.output_dir, cfg, result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

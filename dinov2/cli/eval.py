@@ -16,20 +16,19 @@ import time
 import numpy as np
 import torch
 
-from dinov2.compute import DeviceError, autocast_dtype
-
-from .backbone import BackboneError, model_in_chans
-from .backbone_args import (
+from dinov2.cli.backbone_args import (
     add_backbone_args, backbone_label, check_backbone_args, compare_args, describe_backbone, load_backbone,
 )
-from .data import (
+from dinov2.compute import DeviceError, autocast_dtype
+from dinov2.eval.backbone import BackboneError, model_in_chans
+from dinov2.eval.data import (
     MNIST_SPEC, DataError, UnlabelledImages, build_splits, dataset_classes, eval_transform, load_dataset, subsample,
 )
-from .evaluate import evaluate_knn, evaluate_linear
-from .features import extract_features, linear_input, save_features, write_paths
-from .knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_summary
-from .linear import DEFAULT_CS, DEFAULT_LRS, linear_summary
-from .visualize import Entry, visualize, visualize_comparison
+from dinov2.eval.evaluate import evaluate_knn, evaluate_linear
+from dinov2.eval.features import extract_features, linear_input, save_features, write_paths
+from dinov2.eval.knn import DEFAULT_KS, DEFAULT_TEMPERATURE, knn_summary
+from dinov2.eval.linear import DEFAULT_CS, DEFAULT_LRS, linear_summary
+from dinov2.eval.visualize import Entry, visualize, visualize_comparison
 
 PROG = "dinov2-eval"
 

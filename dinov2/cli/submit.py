@@ -33,8 +33,9 @@ import submitit
 from dinov2.configs import ConfigError, load_config
 from dinov2.logging.console import setup_logging
 from dinov2.train.build import ensure_writable_dir
+from dinov2.train.run_plan import with_batch_size_per_gpu
 
-logger = logging.getLogger("launchers.submit")
+logger = logging.getLogger("dinov2.cli.submit")
 
 LOG_DIR = "submitit"  # one flat folder: no "%j" in the path, so submitit leaves no literal "%j/" folder behind
 
@@ -163,11 +164,7 @@ def validate(args: argparse.Namespace):
         raise ValueError("--slurm options are for SLURM jobs; --local runs here without SLURM")
     slurm_options(args.slurm)
     cfg = load_config(args.config, args.overrides)  # a typo in a key fails here, not in the queue
-    world_size = args.nodes * args.gpus_per_node
-    total = cfg.train.global_batch_size
-    if total is not None and total % (world_size * cfg.compute.grad_accum_steps):
-        raise ValueError(f"train.global_batch_size={total} is not divisible by {world_size} GPUs x "
-                         f"compute.grad_accum_steps={cfg.compute.grad_accum_steps}")
+    with_batch_size_per_gpu(cfg, args.nodes * args.gpus_per_node)  # the trainer's rule, checked before queueing
     if not args.dry_run:
         ensure_writable_dir(args.output_dir)
     return cfg

@@ -12,7 +12,7 @@ import torch
 
 from dinov2.compute import resolve_device
 
-from .backbone import ARCHS, BackboneError, model_in_chans, resolve_described
+from dinov2.eval.backbone import ARCHS, BackboneError, model_in_chans, resolve_described
 
 AUTOCAST = ("off", "bf16", "fp16")
 
