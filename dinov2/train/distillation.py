@@ -370,9 +370,10 @@ def fit_teacher_heads(model: nn.Module, cfg, dataset, env) -> None:
         fitted = fit_prototypes(head, points, model.head_method, int(cfg.distillation.kmeans_iterations),
                                 int(cfg.train.seed))
         mean, prototypes = fitted["mean"].to(env.device), fitted["prototypes"].to(env.device)
-        if env.is_distributed:  # the same on every rank already; rank 0's copy makes it exact
-            dist.broadcast(mean, src=0)
-            dist.broadcast(prototypes, src=0)
+        if env.process_group is not None:  # the same on every rank already; rank 0's copy makes it exact
+            src = dist.get_global_rank(env.process_group, 0)
+            dist.broadcast(mean, src=src, group=env.process_group)
+            dist.broadcast(prototypes, src=src, group=env.process_group)
         _set_parameter(head.mean, mean)
         _set_parameter(head.prototypes, prototypes)
         logger.info("distillation: teacher %s = %s prototypes of %d %s tokens (%d of %d prototypes used), %.1f s",
