@@ -23,6 +23,7 @@ import logging
 import sys
 
 from .arrays import CurationInputError
+from .choices import EmbeddingDtype, FaissDevice, GroupRule, KMeansDtype, KMeansInit, PickStrategy, ShardLauncher
 
 PROG = "dinov2-curate"
 
@@ -50,7 +51,7 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("FAISS index")
     group.add_argument("--factory", default="Flat", help="FAISS factory string: Flat (exact, default), IVF4096,Flat, HNSW32, IVF4096,PQ32 ...")
     group.add_argument("--search-params", default="", help='e.g. "nprobe=16" (IVF) or "efSearch=128" (HNSW)')
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"], help="GPU when faiss-gpu and a GPU are present (auto)")
+    group.add_argument("--device", default=FaissDevice.auto.value, choices=FaissDevice.values(), help="GPU when faiss-gpu and a GPU are present (auto)")
     group.add_argument("--train-size", type=int, default=200_000, help="rows used to train IVF/PQ indexes")
     group.add_argument("--recall-sample", type=int, default=1000, help="queries for the recall-vs-exact report of approximate indexes (0: skip)")
     group.add_argument("--chunk-rows", type=int, default=65536, help="rows per chunk (memory bound, resume granularity)")
@@ -59,7 +60,7 @@ def _add_index_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_launch_options(parser: argparse.ArgumentParser, what: str) -> None:
     group = parser.add_argument_group(f"job array ({what}: one job per shard, through submitit)")
-    group.add_argument("--launcher", choices=["local", "slurm"], help="local: one process per shard on this machine "
+    group.add_argument("--launcher", choices=ShardLauncher.values(), help="local: one process per shard on this machine "
                        "(GPU i mod #GPUs); slurm: a job array, one task (and --gpus-per-job GPUs) per shard")
     group.add_argument("--parallel", type=int, help="at most this many shards at once (default: all)")
     group.add_argument("--partition", help="slurm partition")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thumb-size", type=int, default=16, help="side of the grayscale thumbnail the hash is computed on")
     p.add_argument("--factory", default="BFlat", help="FAISS binary index: BFlat (exact), BHash4x16 (exact, large pools), BIVF1024")
     p.add_argument("--search-params", default="", help='e.g. "nprobe=16" for BIVF')
-    p.add_argument("--rule", choices=["representative", "connected"], default="representative",
+    p.add_argument("--rule", choices=GroupRule.values(), default=GroupRule.representative.value,
                    help="representative (default): a copy is removed only if it is within the radius of the kept image; "
                    "connected: connected components (chains merge)")
     p.add_argument("--basis", help="PCA basis .npz of an earlier run (default: fitted on a sample of this pool)")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-size", type=int, default=256, help="shorter side before the crop")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--dtype", choices=EmbeddingDtype.values(), default=EmbeddingDtype.float32.value)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--part-size", type=int, default=4096, help="images per resumable part")
     _add_launch_options(p, "--shards")
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, required=True, help="cosine similarity in [-1, 1]")
     p.add_argument("--k", type=int, help="self-dedup: neighbours per row in the similarity graph")
     p.add_argument("--against", action="append", help="relative dedup: reference embeddings .npy (repeatable)")
-    p.add_argument("--rule", choices=["representative", "connected"], default="representative",
+    p.add_argument("--rule", choices=GroupRule.values(), default=GroupRule.representative.value,
                    help="self-dedup groups: representative (default, no chaining) or connected components")
     p.add_argument("--index-shards", type=int, default=1, help="self-dedup: search S index shards (1/S of the "
                    "pool each) and merge their neighbours; exact (Flat) gives the same pairs as one index")
@@ -194,19 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--resampling-steps", type=int, default=5)
     p.add_argument("--sample-size", type=int, default=10, help="points per cluster kept by a resampling step")
-    p.add_argument("--strategy", choices=["closest", "random"], default="closest", help="how resampling picks points")
-    p.add_argument("--init", choices=["auto", "kmeans++", "random"], default="auto")
+    p.add_argument("--strategy", choices=PickStrategy.values(), default=PickStrategy.closest.value, help="how resampling picks points")
+    p.add_argument("--init", choices=KMeansInit.values(), default=KMeansInit.auto.value)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--device", default=FaissDevice.auto.value, choices=FaissDevice.values())
     p.add_argument("--distributed", action="store_true", help="torch.distributed implementation: start one process per "
                    "GPU/CPU shard with torchrun or srun (gloo on CPU, NCCL on GPUs); same clusters for any process count")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="--distributed: distance precision")
+    p.add_argument("--dtype", choices=KMeansDtype.values(), default=KMeansDtype.float32.value, help="--distributed: distance precision")
 
     p = sub.add_parser("sample", help="balanced hierarchical sampling -> selected.npy")
     p.add_argument("--clusters-dir", required=True, help="output folder of `kmeans`")
     p.add_argument("--target", type=int, required=True, help="rows to select")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--strategy", choices=["random", "closest"], default="random")
+    p.add_argument("--strategy", choices=PickStrategy.values(), default=PickStrategy.random.value)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("manifest", help="paths of the selected rows -> manifest (one path a line)")

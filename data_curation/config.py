@@ -2,7 +2,8 @@
 
 Unknown keys are errors that name the key and the closest valid one, so a typo such as
 ``self_dedup.treshold`` fails loudly instead of silently using the default; numeric keys carry
-their valid range (``ranged``, as in dinov2/configs/schema.py), checked at load time.
+their valid range (``ranged``, as in dinov2/configs/schema.py), checked at load time; keys with a closed
+set of values are enums (choices.py), so a wrong value names the key and the valid ones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dinov2.configs.loader import CONFIG_DIR, ConfigError, load_structured
 from dinov2.configs.ranges import ranged
 
 from .arrays import CurationInputError
+from .choices import EmbeddingDtype, GroupRule, KMeansInit, PickStrategy, ShardLauncher
 from .index import IndexOptions
 
 CURATION_CONFIG_DIR = CONFIG_DIR / "curation"
@@ -31,7 +33,7 @@ class HashDedupConfig:
     thumb_size: int = ranged(16, ge=1)
     factory: str = "BFlat"  # BFlat (exact) | BHash4x16 (exact, large pools) | BIVF1024 (approximate)
     search_params: str = ""
-    rule: str = "representative"  # representative | connected
+    rule: GroupRule = GroupRule.representative
     basis: Optional[str] = None
     fit_sample: int = ranged(100_000, ge=1)
 
@@ -65,11 +67,11 @@ class EmbedConfig:
     resize_size: int = ranged(256, ge=1)
     batch_size: int = ranged(32, ge=1)
     num_workers: int = ranged(0, ge=0)
-    dtype: str = "float32"
+    dtype: EmbeddingDtype = EmbeddingDtype.float32
     device: str = "auto"
     part_size: int = ranged(4096, ge=1)
     shards: int = ranged(1, ge=1)  # > 1: embed as that many shard jobs (launcher), then check and merge them
-    launcher: str = "local"  # local (one process per shard) | slurm (job array; see `embed --help` for its options)
+    launcher: ShardLauncher = ShardLauncher.local  # slurm: see `embed --help` for its options
 
 
 @dataclass
@@ -77,7 +79,7 @@ class SelfDedupConfig:
     enabled: bool = True
     k: int = ranged(16, ge=1)
     threshold: float = ranged(0.9, **COSINE)
-    rule: str = "representative"  # representative (no chaining) | connected (components, as in the paper)
+    rule: GroupRule = GroupRule.representative
     index_shards: int = ranged(1, ge=1)  # > 1: search that many index shards (one after the other) and merge: same pairs with Flat
 
 
@@ -104,15 +106,15 @@ class KMeansConfig:
     niter: int = ranged(20, ge=1)
     resampling_steps: int = ranged(5, ge=0)
     sample_size: int = ranged(10, ge=1)
-    strategy: str = "closest"  # how resampling picks points: closest | random
-    init: str = "auto"  # auto | kmeans++ | random
+    strategy: PickStrategy = PickStrategy.closest  # how resampling picks points
+    init: KMeansInit = KMeansInit.auto
     seed: int = 0
 
 
 @dataclass
 class SamplingConfig:
     target: int = ranged(1000, ge=1)
-    strategy: str = "random"  # random | closest
+    strategy: PickStrategy = PickStrategy.random
     seed: int = 0
 
 

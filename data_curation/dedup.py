@@ -23,7 +23,8 @@ import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
 from .arrays import validate_embeddings, validate_k, validate_same_dim, validate_threshold
-from .groups import Groups, group_rows, pair_graph, validate_rule
+from .choices import GroupRule, choose
+from .groups import Groups, group_rows, pair_graph
 from .index import IndexOptions, is_exact, make_index, measure_recall, search
 
 
@@ -66,13 +67,13 @@ def self_dedup(
     index: IndexOptions = IndexOptions(),
     work_dir=None,
     progress: bool = True,
-    rule: str = "representative",
+    rule: str = GroupRule.representative,
     knn: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> SelfDedupResult:
     """``knn(k)`` replaces the one-index search: the top k (itself included) of every row, e.g.
     merged from index shards (sharded_search.py); its recall is then checked from its results."""
     validate_embeddings(embeddings, "embeddings", index.chunk_rows)
-    validate_rule(rule)
+    rule = choose(GroupRule, rule, "group rule")
     threshold = validate_threshold(threshold)
     k = validate_k(k, embeddings.shape[0], excluding_self=True)
     faiss_index = None

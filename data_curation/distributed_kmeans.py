@@ -1,5 +1,7 @@
 """Hierarchical k-means with resampling over many processes (torch.distributed; gloo on CPU,
-NCCL on GPUs), for pools larger than one machine (Vo et al. 2024 run it over GPU nodes).
+NCCL on GPUs), for pools larger than one machine (Vo et al. 2024 run it over GPU nodes). The ranks
+are those of the process group handed in (``process_group``; None: one process, no collectives),
+through the project's collectives (dinov2/collectives.py).
 
 Each rank holds a contiguous shard of the level-1 points (rank order = row order). Every step is
 defined on the whole pool, independently of how it is split, so N processes give the same
@@ -28,43 +30,38 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .arrays import CurationInputError
-from .kmeans import KMEANS_PP_MAX_CLUSTERS, SAMPLE_STRATEGIES, Level, kmeans_plus_plus
+from dinov2.collectives import all_gather_objects, all_reduce_
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from .arrays import CurationInputError
+from .choices import KMeansDtype, PickStrategy, choose
+from .kmeans import KMEANS_PP_MAX_CLUSTERS, Level, kmeans_plus_plus
+
+TORCH_DTYPES = {KMeansDtype.float32: torch.float32, KMeansDtype.float64: torch.float64}
 
 
 @dataclass
 class Shard:
-    """This rank's slice of a pool split over ``world`` processes (``distributed=False``: one
-    process holding everything, no collectives)."""
+    """This rank's slice of a pool split over the ranks of ``group`` (None: one process holding
+    everything, no collectives)."""
 
     offset: int
     total: int
-    distributed: bool
+    group: dist.ProcessGroup | None
     device: torch.device
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            dist.all_reduce(tensor)
+        all_reduce_(tensor, self.group)
         return tensor
 
     def all_gather(self, value) -> list:
-        if not self.distributed:
-            return [value]
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, value)
-        return gathered
+        return all_gather_objects(value, self.group)
 
 
-def make_shard(local_rows: int, device: torch.device) -> Shard:
-    """Offsets from the ranks' row counts (all-gathered) when a process group is active."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return Shard(0, local_rows, False, device)
-    counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, int(local_rows))
-    rank = dist.get_rank()
-    return Shard(int(sum(counts[:rank])), int(sum(counts)), True, device)
+def make_shard(local_rows: int, device: torch.device, process_group: dist.ProcessGroup | None = None) -> Shard:
+    """Offsets from the row counts of the ranks of ``process_group`` (all-gathered; None: one process)."""
+    counts = all_gather_objects(int(local_rows), process_group)
+    rank = 0 if process_group is None else dist.get_rank(process_group)
+    return Shard(int(sum(counts[:rank])), int(sum(counts)), process_group, device)
 
 
 def splitmix_uniform(seed: int, step: int, rows: np.ndarray) -> np.ndarray:
@@ -134,7 +131,7 @@ def balanced_choice(labels: np.ndarray, distances: np.ndarray, k: int, sample_si
                     step: int, shard: Shard) -> np.ndarray:
     """Sorted global ids of the ``sample_size`` best points of every cluster over all ranks."""
     ids = shard.offset + np.arange(labels.size, dtype=np.int64)
-    key = distances if strategy == "closest" else splitmix_uniform(seed, step, ids)
+    key = distances if strategy == PickStrategy.closest else splitmix_uniform(seed, step, ids)
     order = np.lexsort((ids, key, labels))
     ranks = np.arange(order.size) - np.searchsorted(labels[order], labels[order], side="left")
     proposal = order[ranks < sample_size]
@@ -147,8 +144,7 @@ def balanced_choice(labels: np.ndarray, distances: np.ndarray, k: int, sample_si
 
 def distributed_kmeans_level(points: torch.Tensor, k: int, shard: Shard, *, niter: int, resampling_steps: int,
                              sample_size: int, strategy: str, seed: int, init_sample: int = 20_000) -> Level:
-    if strategy not in SAMPLE_STRATEGIES:
-        raise CurationInputError(f"resampling strategy must be one of {SAMPLE_STRATEGIES}, got {strategy!r}")
+    strategy = choose(PickStrategy, strategy, "resampling strategy")
     if k > shard.total:
         raise CurationInputError(f"asks for {k} clusters but has only {shard.total} points; use fewer clusters")
     everything = np.arange(shard.total, dtype=np.int64)
@@ -166,25 +162,25 @@ def distributed_kmeans_level(points: torch.Tensor, k: int, shard: Shard, *, nite
 
 def distributed_hierarchical_kmeans(local_points: np.ndarray, clusters: list[int], *, niter: int = 20,
                                     resampling_steps: int | list[int] = 0, sample_sizes: list[int] | None = None,
-                                    strategy: str = "closest", seed: int = 0, device: str | torch.device = "cpu",
-                                    dtype: str = "float32") -> list[Level]:
-    """Levels bottom-up; level 1 assigns this rank's rows only (``Level.assignment`` of level 1
-    is local), higher levels are the same on every rank."""
-    if dtype not in DTYPES:
-        raise CurationInputError(f"k-means dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+                                    strategy: str = PickStrategy.closest, seed: int = 0, device: str | torch.device = "cpu",
+                                    dtype: str = KMeansDtype.float32,
+                                    process_group: dist.ProcessGroup | None = None) -> list[Level]:
+    """Levels bottom-up over the ranks of ``process_group`` (None: this process alone); level 1 assigns
+    this rank's rows only (``Level.assignment`` of level 1 is local), higher levels are the same on every rank."""
+    torch_dtype = TORCH_DTYPES[choose(KMeansDtype, dtype, "k-means dtype")]
     if not clusters or any(int(c) < 1 for c in clusters) or any(b > a for a, b in zip(clusters, clusters[1:])):
         raise CurationInputError(f"clusters per level must be positive and not increase from level 1 upwards, got {clusters}")
     n_levels = len(clusters)
     steps = resampling_steps if isinstance(resampling_steps, list) else [resampling_steps] * n_levels
     sizes = sample_sizes if sample_sizes is not None else [10] * n_levels
     device = torch.device(device)
-    shard = make_shard(local_points.shape[0], device)
-    current = torch.as_tensor(np.asarray(local_points), dtype=DTYPES[dtype], device=device)
+    shard = make_shard(local_points.shape[0], device, process_group)
+    current = torch.as_tensor(np.asarray(local_points), dtype=torch_dtype, device=device)
     levels = []
     for number, k in enumerate(clusters, start=1):
         level = distributed_kmeans_level(current, int(k), shard, niter=niter, resampling_steps=int(steps[number - 1]),
                                          sample_size=int(sizes[number - 1]), strategy=strategy, seed=seed + 1000 * number)
         levels.append(level)
-        current = torch.as_tensor(level.centroids, dtype=DTYPES[dtype], device=device)
-        shard = Shard(0, int(k), False, device)  # upper levels: replicated on every rank
+        current = torch.as_tensor(level.centroids, dtype=torch_dtype, device=device)
+        shard = Shard(0, int(k), None, device)  # upper levels: replicated on every rank
     return levels

@@ -19,6 +19,7 @@ import numpy as np
 
 from .arrays import (CurationInputError, iter_row_chunks, load_array, load_indices, normalized_rows, save_npy_atomic,
                      shard_slice, validate_embeddings, write_text_atomic)
+from .choices import KMeansDtype, PickStrategy
 from .cluster_counts import resolve_cluster_counts
 from .stage_state import StageResult, StageState
 
@@ -32,8 +33,8 @@ def _session(device: str):
 
 def distributed_kmeans_stage(
     embeddings_path, output_dir, *, clusters: Sequence[int], rows_path=None, niter: int = 20,
-    resampling_steps: int = 0, sample_size: int = 10, strategy: str = "closest", seed: int = 0,
-    dtype: str = "float32", device: str = "auto",
+    resampling_steps: int = 0, sample_size: int = 10, strategy: str = PickStrategy.closest, seed: int = 0,
+    dtype: str = KMeansDtype.float32, device: str = "auto",
 ) -> StageResult:
     import torch.distributed as dist
 
@@ -54,6 +55,7 @@ def distributed_kmeans_stage(
     if state.is_complete():
         return state.skipped_result()
     env = _session(device)
+    group = env.process_group  # None: one process
     try:
         mine = rows[shard_slice(rows.size, (env.rank, env.world_size))]
         points = np.empty((mine.size, pool.shape[1]), dtype=np.float32)
@@ -61,14 +63,14 @@ def distributed_kmeans_stage(
             points[start:stop] = normalized_rows(pool[mine[start:stop]])
         levels = distributed_hierarchical_kmeans(
             points, clusters, niter=niter, resampling_steps=resampling_steps, sample_sizes=[sample_size] * len(clusters),
-            strategy=strategy, seed=seed, device=env.device, dtype=dtype,
+            strategy=strategy, seed=seed, device=env.device, dtype=dtype, process_group=group,
         )
         work = Path(output_dir) / ".work" / f"kmeans-{state.fingerprint[:16]}"
         work.mkdir(parents=True, exist_ok=True)
         save_npy_atomic(work / f"level1_assignment.rank{env.rank:05d}.npy", levels[0].assignment)
         save_npy_atomic(work / f"level1_distances.rank{env.rank:05d}.npy", levels[0].distances)
-        if env.is_distributed:
-            dist.barrier()
+        if group is not None:
+            dist.barrier(group=group)
         result = None
         if env.is_main:
             state.begin()
@@ -86,8 +88,8 @@ def distributed_kmeans_stage(
             result = state.complete({"rows": int(rows.size), "clusters": ",".join(map(str, clusters)),
                                      "processes": env.world_size, "top_level_largest": int(top.max()),
                                      "top_level_smallest": int(top.min())})
-        if env.is_distributed:
-            dist.barrier()
+        if group is not None:
+            dist.barrier(group=group)
         return result if result is not None else StageResult("kmeans", Path(output_dir), skipped=False,
                                                               summary={"rank": env.rank, "processes": env.world_size})
     finally:

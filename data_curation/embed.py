@@ -33,8 +33,7 @@ from dinov2.data.unreadable import warn_unreadable
 from dinov2.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 from .arrays import CurationInputError, shard_slice  # noqa: F401  (shard_slice: re-exported)
-
-EMBEDDING_DTYPES = ("float32", "float16")
+from .choices import EmbeddingDtype, choose
 
 
 def list_images(source: str | os.PathLike) -> list[str]:
@@ -198,12 +197,11 @@ def embed_paths(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
-    dtype: str = "float32",
+    dtype: str = EmbeddingDtype.float32,
     progress: bool = True,
 ) -> EmbeddedPart:
     """Embed ``paths`` in order; failed images are listed in ``errors``, not embedded."""
-    if dtype not in EMBEDDING_DTYPES:
-        raise CurationInputError(f"embedding dtype must be one of {EMBEDDING_DTYPES}, got {dtype!r}")
+    dtype = choose(EmbeddingDtype, dtype, "embedding dtype").value
     dataset = ImagePathDataset(paths, make_transform(image_size, resize_size), image_size)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     features, kept, errors = [], [], []

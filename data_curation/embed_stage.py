@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .arrays import AtomicNpyWriter, CurationInputError, read_lines, save_npy_atomic, write_lines_atomic
+from .choices import EmbeddingDtype, choose
 from .stage_state import StageResult, StageState
 
 EMBED_OUTPUTS = ["embeddings.npy", "paths.txt", "errors.txt"]
@@ -34,8 +35,7 @@ def validate_embed_options(image_size: int, resize_size: int, dtype: str, part_s
     from . import embed
 
     embed.make_transform(image_size, resize_size)
-    if dtype not in embed.EMBEDDING_DTYPES:
-        raise CurationInputError(f"embedding dtype must be one of {embed.EMBEDDING_DTYPES}, got {dtype!r}")
+    choose(EmbeddingDtype, dtype, "embedding dtype")
     if part_size < 1 or batch_size < 1:
         raise CurationInputError(f"part_size and batch_size must be >= 1, got {part_size} and {batch_size}")
 
@@ -59,7 +59,7 @@ def embed_stage(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = EmbeddingDtype.float32,
     part_size: int = 4096,
     progress: bool = True,
 ) -> StageResult:

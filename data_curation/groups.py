@@ -1,6 +1,6 @@
 """Turning "these two rows look alike" pairs into groups, and choosing what each group keeps.
 
-Two rules (``GROUP_RULES``):
+Two rules (``choices.GroupRule``):
 
 - ``representative`` (the default of every dedup stage): rows are visited best first; an
   unassigned row founds a group and takes every still-unassigned row linked *to it*. Each
@@ -25,14 +25,7 @@ import scipy.sparse
 from scipy.sparse.csgraph import connected_components
 
 from .arrays import CurationInputError
-
-GROUP_RULES = ("representative", "connected")
-
-
-def validate_rule(rule: str) -> str:
-    if rule not in GROUP_RULES:
-        raise CurationInputError(f"group rule must be one of {GROUP_RULES}, got {rule!r}")
-    return rule
+from .choices import GroupRule, choose
 
 
 @dataclass
@@ -65,10 +58,10 @@ def _number_by_lowest_row(labels: np.ndarray) -> np.ndarray:
     return rank[inverse.reshape(-1)]
 
 
-def group_rows(graph: scipy.sparse.csr_matrix, best_first: np.ndarray, rule: str = "representative") -> Groups:
+def group_rows(graph: scipy.sparse.csr_matrix, best_first: np.ndarray, rule: str = GroupRule.representative) -> Groups:
     """Groups of ``graph`` (from :func:`pair_graph`) under ``rule``; ``best_first`` is a
     permutation of the rows, best row first."""
-    validate_rule(rule)
+    rule = choose(GroupRule, rule, "group rule")
     n = graph.shape[0]
     best_first = np.asarray(best_first, dtype=np.int64)
     if best_first.shape != (n,) or not np.array_equal(np.sort(best_first), np.arange(n)):
@@ -78,7 +71,7 @@ def group_rows(graph: scipy.sparse.csr_matrix, best_first: np.ndarray, rule: str
     representative = np.full(n, -1, dtype=np.int64)
     link = np.full(n, np.nan, dtype=np.float64)
     graph = graph.tocsr()
-    if rule == "connected":
+    if rule == GroupRule.connected:
         _, labels = connected_components(graph, directed=False)
         best_of_label = np.full(labels.max() + 1, n, dtype=np.int64)
         np.minimum.at(best_of_label, labels, rank)

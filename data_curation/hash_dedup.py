@@ -21,7 +21,8 @@ import numpy as np
 
 from . import pca_hash, report
 from .arrays import CurationInputError, save_npy_atomic, write_lines_atomic
-from .groups import best_first_order, group_rows, pair_graph, validate_rule
+from .choices import GroupRule, choose
+from .groups import best_first_order, group_rows, pair_graph
 from .images import LOSSLESS_FORMATS, read_thumbnail
 from .stage_state import StageResult, StageState, map_parts
 
@@ -62,7 +63,7 @@ def hash_dedup_stage(
     thumb_size: int = 16,
     factory: str = pca_hash.DEFAULT_FACTORY,
     search_params: str = "",
-    rule: str = "representative",
+    rule: str = GroupRule.representative,
     basis: str | Path | None = None,
     fit_sample: int = 100_000,
     part_size: int = 4096,
@@ -74,7 +75,7 @@ def hash_dedup_stage(
     from .embed import list_images
 
     paths = list_images(images)
-    validate_rule(rule)
+    rule = choose(GroupRule, rule, "group rule")
     if basis is not None:
         loaded = pca_hash.PCAHashBasis.load(basis)
         bits, thumb_size = loaded.bits, loaded.thumb_size

@@ -20,11 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .arrays import DEFAULT_CHUNK_ROWS, CurationInputError, iter_row_chunks, normalized_rows, write_text_atomic
+from .choices import FaissDevice, choose
 
 logger = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "gpu")
-
 
 def gpu_available() -> bool:
     """True when this faiss build has GPU support and sees at least one GPU."""
@@ -32,13 +30,12 @@ def gpu_available() -> bool:
 
 
 def resolve_device(device: str) -> str:
-    if device not in DEVICES:
-        raise CurationInputError(f"device must be one of {DEVICES}, got {device!r}")
+    device = choose(FaissDevice, device, "device")
     if device == "gpu" and not gpu_available():
         raise CurationInputError("device='gpu' but this faiss build has no GPU support or no GPU is visible")
     if device == "auto":
         return "gpu" if gpu_available() else "cpu"
-    return device
+    return device.value
 
 
 def make_index(dim: int, factory: str) -> faiss.Index:
@@ -137,7 +134,7 @@ class IndexOptions:
 
     factory: str = "Flat"  # FAISS factory string: Flat (exact), IVF4096,Flat, HNSW32, IVF4096,PQ32 ...
     search_params: str = ""  # e.g. "nprobe=32" (IVF) or "efSearch=128" (HNSW)
-    device: str = "auto"  # auto | cpu | gpu
+    device: FaissDevice = FaissDevice.auto
     train_size: int = 200_000  # rows used to train IVF / PQ indexes
     recall_sample: int = 1000  # queries for the recall-vs-exact report of approximate indexes (0: skip)
     chunk_rows: int = DEFAULT_CHUNK_ROWS

@@ -27,12 +27,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .arrays import DEFAULT_CHUNK_ROWS, CurationInputError, iter_row_chunks, save_npy_atomic
+from .choices import FaissDevice, KMeansInit, PickStrategy, choose
 from .index import resolve_device
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_STRATEGIES = ("closest", "random")
-INIT_METHODS = ("auto", "kmeans++", "random")
 # k-means++ makes k passes over its sample; above this many clusters it costs more than the
 # k-means itself on a CPU, so "auto" switches to FAISS's random initialisation.
 KMEANS_PP_MAX_CLUSTERS = 2000
@@ -87,7 +86,7 @@ def kmeans(
     niter: int = 20,
     seed: int = 0,
     init_centroids: np.ndarray | None = None,
-    init: str = "auto",
+    init: str = KMeansInit.auto,
     init_sample: int = 20_000,
     device: str = "cpu",
     max_points_per_centroid: int = 256,
@@ -95,10 +94,9 @@ def kmeans(
     """One FAISS k-means run (L2). Initialised from ``init_centroids`` when given, else by
     k-means++ on a subsample of ``init_sample`` points or FAISS's random draw (``init``;
     "auto" = k-means++ up to KMEANS_PP_MAX_CLUSTERS clusters)."""
-    if init not in INIT_METHODS:
-        raise CurationInputError(f"k-means init must be one of {INIT_METHODS}, got {init!r}")
+    init = choose(KMeansInit, init, "k-means init")
     points = np.ascontiguousarray(points, dtype=np.float32)
-    use_kmeans_pp = init == "kmeans++" or (init == "auto" and k <= KMEANS_PP_MAX_CLUSTERS)
+    use_kmeans_pp = init == "kmeans++" or (init == KMeansInit.auto and k <= KMEANS_PP_MAX_CLUSTERS)
     if init_centroids is None and use_kmeans_pp:
         rng = np.random.default_rng(seed)
         sample = points
@@ -122,9 +120,8 @@ def balanced_subsample(
 ) -> np.ndarray:
     """Indices of at most ``sample_size`` points per cluster: the closest to the centroid,
     or a random subset."""
-    if strategy not in SAMPLE_STRATEGIES:
-        raise CurationInputError(f"resampling strategy must be one of {SAMPLE_STRATEGIES}, got {strategy!r}")
-    key = distances if strategy == "closest" else rng.random(labels.size)
+    strategy = choose(PickStrategy, strategy, "resampling strategy")
+    key = distances if strategy == PickStrategy.closest else rng.random(labels.size)
     order = np.lexsort((key, labels))  # by cluster, then by key within the cluster
     sorted_labels = labels[order]
     group_start = np.searchsorted(sorted_labels, sorted_labels, side="left")
@@ -146,8 +143,8 @@ def kmeans_level(
     niter: int = 20,
     resampling_steps: int = 0,
     sample_size: int = 10,
-    strategy: str = "closest",
-    init: str = "auto",
+    strategy: str = PickStrategy.closest,
+    init: str = KMeansInit.auto,
     seed: int = 0,
     device: str = "cpu",
     checkpoint_dir: Path | None = None,
@@ -184,10 +181,10 @@ def hierarchical_kmeans(
     niter: int = 20,
     resampling_steps: int | list[int] = 0,
     sample_sizes: list[int] | None = None,
-    strategy: str = "closest",
-    init: str = "auto",
+    strategy: str = PickStrategy.closest,
+    init: str = KMeansInit.auto,
     seed: int = 0,
-    device: str = "auto",
+    device: str = FaissDevice.auto,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[Level]:

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .arrays import CurationInputError
-
-LAUNCHERS = ("local", "slurm")
+from .choices import ShardLauncher, choose
 
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    launcher: str = "local"  # local | slurm
+    launcher: ShardLauncher = ShardLauncher.local
     folder: str | None = None  # submitit logs and pickles; default OUTPUT_DIR/submitit
     parallelism: int | None = None  # at most this many shards at once (default: all)
     timeout_min: int = 24 * 60
@@ -36,15 +35,14 @@ class LaunchOptions:
     wait: bool = True  # False: submit and return the jobs (slurm)
 
     def validate(self) -> None:
-        if self.launcher not in LAUNCHERS:
-            raise CurationInputError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        choose(ShardLauncher, self.launcher, "launcher")
         if self.parallelism is not None and self.parallelism < 1:
             raise CurationInputError(f"parallelism must be >= 1, got {self.parallelism}")
         if self.timeout_min < 1 or self.gpus_per_job < 0 or self.cpus_per_job < 1:
             raise CurationInputError(
                 f"need timeout_min >= 1, gpus_per_job >= 0, cpus_per_job >= 1; got {self.timeout_min}, "
                 f"{self.gpus_per_job}, {self.cpus_per_job}")
-        if self.launcher == "local" and not self.wait:
+        if self.launcher == ShardLauncher.local and not self.wait:
             raise CurationInputError("local jobs end with this process: --no-wait is for --launcher slurm")
         self.slurm_extras()
 
@@ -58,7 +56,7 @@ class LaunchOptions:
 
     def threads_per_job(self, count: int) -> int | None:
         """CPU threads each local job may use (the machine's cores shared out); None on SLURM."""
-        if self.launcher != "local":
+        if self.launcher != ShardLauncher.local:
             return None
         return max(1, (os.cpu_count() or 1) // min(count, self.parallelism or count))
 
@@ -89,7 +87,7 @@ def sbatch_script(options: LaunchOptions, count: int, folder: str | Path, name: 
 def make_executor(options: LaunchOptions, folder: str | Path, name: str):
     import submitit
 
-    if options.launcher == "local":
+    if options.launcher == ShardLauncher.local:
         import torch
 
         executor = submitit.LocalExecutor(folder=folder)
@@ -124,7 +122,7 @@ def run_array(job: Callable[[int], object], indices: Sequence[int], options: Lau
         return []
     executor = make_executor(options, folder, name)
     waves = [indices]
-    if options.launcher == "local" and options.parallelism:  # slurm throttles with --array=...%P itself
+    if options.launcher == ShardLauncher.local and options.parallelism:  # slurm throttles with --array=...%P itself
         waves = [indices[i : i + options.parallelism] for i in range(0, len(indices), options.parallelism)]
     results, failed = {}, {}
     for wave in waves:

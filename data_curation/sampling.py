@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .arrays import CurationInputError
-
-STRATEGIES = ("random", "closest")
+from .choices import PickStrategy, choose
 
 
 def balanced_allocation(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,7 +58,7 @@ def hierarchical_sample(
     target: int,
     *,
     seed: int = 0,
-    strategy: str = "random",
+    strategy: str = PickStrategy.random,
     level1_distances: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted positions (into the rows clustered at level 1) of a balanced sample.
@@ -67,9 +66,8 @@ def hierarchical_sample(
     ``level_assignments[0]`` maps each row to its level-1 cluster, ``level_assignments[l]``
     maps each level-l cluster to its level-(l+1) cluster.
     """
-    if strategy not in STRATEGIES:
-        raise CurationInputError(f"sampling strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy == "closest" and level1_distances is None:
+    strategy = choose(PickStrategy, strategy, "sampling strategy")
+    if strategy == PickStrategy.closest and level1_distances is None:
         raise CurationInputError("strategy 'closest' needs the level-1 distances of the k-means run")
     if int(target) != target or target < 1:
         raise CurationInputError(f"sampling target must be a positive integer, got {target}")
@@ -89,7 +87,7 @@ def hierarchical_sample(
     chosen = []
     for cluster in np.flatnonzero(counts):
         members = rows_by_cluster[cluster]
-        if strategy == "random":
+        if strategy == PickStrategy.random:
             chosen.append(rng.choice(members, int(counts[cluster]), replace=False))
         else:
             closest_first = members[np.argsort(level1_distances[members], kind="stable")]

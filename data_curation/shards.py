@@ -24,6 +24,7 @@ import numpy as np
 import submitit
 
 from .arrays import CurationInputError
+from .choices import EmbeddingDtype, ShardLauncher
 from .embed_stage import EMBED_OUTPUTS, embed_stage, publish_embeddings, read_lines_or_empty, shard_dir
 from .launch import LaunchOptions, run_array, set_threads
 from .stage_state import StageResult, StageState
@@ -171,14 +172,14 @@ def embed_sharded(images, output_dir, *, shards: int, launch: LaunchOptions = La
         raise CurationInputError(f"--shards must be >= 1, got {shards}")
     launch.validate()
     validate_embed_options(*(embed_options.get(k, d) for k, d in (("image_size", 224), ("resize_size", 256),
-                             ("dtype", "float32"), ("part_size", 4096), ("batch_size", 32))))
+                             ("dtype", EmbeddingDtype.float32), ("part_size", 4096), ("batch_size", 32))))
     validate_shard_count(shards, len(embed.list_images(images)))
     output_dir = Path(output_dir).resolve()
     folder = Path(launch.folder) if launch.folder else output_dir / "submitit"
     complete, _, _ = shard_set_status(output_dir, shards)
     todo = [i for i in range(shards) if i not in complete]
     if dry_run:
-        if launch.launcher == "slurm":
+        if launch.launcher == ShardLauncher.slurm:
             return sbatch_script(launch, len(todo), folder, "dinov2-curate-embed")
         return f"would start {len(todo)} local processes for shards {_compact(todo) or 'none'} of {shards}, then merge"
     job = EmbedShardJob(str(Path(images).resolve()), str(output_dir), shards, embed_options,

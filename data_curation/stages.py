@@ -31,9 +31,9 @@ from .arrays import (
     write_lines_atomic,
     write_text_atomic,
 )
+from .choices import FaissDevice, GroupRule, KMeansInit, PickStrategy, choose
 from .cluster_counts import resolve_cluster_counts
 from .embed_stage import embed_stage  # noqa: F401  (re-exported: the embed stage lives in embed_stage.py)
-from .groups import validate_rule
 from .index import IndexOptions
 from .stage_state import StageResult, StageState
 
@@ -58,7 +58,7 @@ def _paths_beside(embeddings_path, rows: int) -> list[str] | None:
 
 def self_dedup_stage(
     embeddings_path, output_dir, *, k: int, threshold: float, index: IndexOptions = IndexOptions(),
-    progress: bool = True, rule: str = "representative", index_shards: int = 1, launch=None, only_shard: int | None = None,
+    progress: bool = True, rule: str = GroupRule.representative, index_shards: int = 1, launch=None, only_shard: int | None = None,
 ) -> StageResult:
     """-> components.npy (group id per row), keep.npy (lowest row per group), representative.npy,
     report.csv, contact_sheet.png (when paths.txt lies beside the embeddings); see dedup.py for
@@ -68,7 +68,7 @@ def self_dedup_stage(
 
     pool = _load_pool(embeddings_path, chunk_rows=index.chunk_rows)
     threshold = validate_threshold(threshold)
-    validate_rule(rule)
+    rule = choose(GroupRule, rule, "group rule")
     validate_k(k, pool.shape[0], excluding_self=True)
     index.validate(pool.shape[1])
     index_shards = sharded_search.validate_index_shards(index_shards, pool.shape[0])
@@ -198,7 +198,7 @@ def retrieve_stage(
 def kmeans_stage(
     embeddings_path, output_dir, *, clusters: Sequence[int], levels: int | None = None, rows_path=None,
     niter: int = 20, resampling_steps: int | list[int] = 0, sample_sizes: list[int] | None = None,
-    strategy: str = "closest", init: str = "auto", seed: int = 0, device: str = "auto",
+    strategy: str = PickStrategy.closest, init: str = KMeansInit.auto, seed: int = 0, device: str = FaissDevice.auto,
     chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True,
 ) -> StageResult:
     """-> rows.npy, levels.json, level{l}_centroids.npy, level{l}_assignment.npy,
@@ -238,7 +238,7 @@ def kmeans_stage(
                            "top_level_largest": int(top_sizes.max()), "top_level_smallest": int(top_sizes.min())})
 
 
-def sample_stage(clusters_dir, output_dir, *, target: int, strategy: str = "random", seed: int = 0) -> StageResult:
+def sample_stage(clusters_dir, output_dir, *, target: int, strategy: str = PickStrategy.random, seed: int = 0) -> StageResult:
     """-> selected.npy: sorted pool rows of a balanced hierarchical sample of ``target`` rows."""
     clusters_dir = Path(clusters_dir)
     if not (clusters_dir / ".kmeans.done.json").is_file():
@@ -252,7 +252,7 @@ def sample_stage(clusters_dir, output_dir, *, target: int, strategy: str = "rand
         return state.skipped_result()
     rows = np.load(clusters_dir / "rows.npy")
     assignments = [np.load(clusters_dir / f"level{l}_assignment.npy") for l in range(1, len(clusters) + 1)]
-    distances = np.load(clusters_dir / "level1_distances.npy") if strategy == "closest" else None
+    distances = np.load(clusters_dir / "level1_distances.npy") if strategy == PickStrategy.closest else None
     positions = sampling.hierarchical_sample(assignments, clusters, int(target), seed=seed, strategy=strategy, level1_distances=distances)
     state.begin()
     selected = np.sort(rows[positions])

@@ -29,6 +29,15 @@ def all_reduce_(tensor: torch.Tensor, group: dist.ProcessGroup | None, op=None, 
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group, async_op=async_op)
 
 
+def all_gather_objects(value, group: dist.ProcessGroup | None) -> list:
+    """Every rank's picklable ``value``, in rank order of ``group``; ``[value]`` without a group."""
+    if group is None:
+        return [value]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
 def raise_if_any_rank_failed(error: BaseException | None, what: str, group: dist.ProcessGroup | None = None) -> None:
     """Raise on every rank of ``group`` (naming the ranks that failed and their messages) if any rank failed.
 
@@ -39,8 +48,7 @@ def raise_if_any_rank_failed(error: BaseException | None, what: str, group: dist
         if error is not None:
             raise error
         return
-    errors: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    errors = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}", group)
     failed = {rank: message for rank, message in enumerate(errors) if message is not None}
     if not failed:
         return

@@ -120,6 +120,56 @@ def test_config_is_strict_and_suggests_the_closest_key(tmp_path):
     cfg.index.factory = "HNSW32"  # a loaded config stays editable (IndexOptions is a frozen dataclass)
 
 
+# Every key of the curation schema with a closed set of values, with that set written out by hand.
+CHOICE_KEYS = {
+    "hash_dedup.rule": "representative, connected",
+    "self_dedup.rule": "representative, connected",
+    "embed.dtype": "float32, float16",
+    "embed.launcher": "local, slurm",
+    "index.device": "auto, cpu, gpu",
+    "kmeans.strategy": "closest, random",
+    "kmeans.init": r"auto, kmeans\+\+, random",
+    "sampling.strategy": "closest, random",
+}
+
+
+@pytest.mark.parametrize("key", sorted(CHOICE_KEYS))
+def test_a_value_outside_a_choice_names_the_key_and_the_valid_values(key, tmp_path):
+    expected = rf"{key}: Invalid value 'bogus', expected one of \[{CHOICE_KEYS[key]}\]"
+    with pytest.raises(CurationInputError, match=rf"override '{key}=bogus': {expected}"):
+        load_config("default", [f"{key}=bogus"])
+    section, name = key.split(".")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"{section}:\n  {name}: bogus\n")
+    with pytest.raises(CurationInputError, match=rf"invalid value in {bad}: {expected}"):
+        load_config(bad)
+
+
+def test_choices_load_as_their_plain_strings():
+    cfg = load_config(None, ["kmeans.init=kmeans++", "self_dedup.rule=connected", "index.device=cpu"])
+    assert cfg.kmeans.init == "kmeans++" and cfg.self_dedup.rule == "connected" and cfg.index.device == "cpu"
+    assert f"{cfg.kmeans.init}" == "kmeans++" and cfg.sampling.strategy == "random"  # the defaults are members too
+
+
+def test_cli_choices_are_the_config_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["kmeans", "--embeddings", "e.npy", "--clusters", "4", "--output-dir", "o", "--init", "kmeans+"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.replace('"', "").replace("'", "")  # argparse quotes choices on some Pythons only
+    assert "argument --init: invalid choice: kmeans+ (choose from auto, kmeans++, random)" in err
+
+
+def test_a_python_caller_gets_the_same_kind_of_error():
+    from data_curation.groups import group_rows, pair_graph
+    from data_curation.sampling import hierarchical_sample
+
+    graph = pair_graph(np.array([0]), np.array([1]), np.array([0.5]), 3)
+    with pytest.raises(CurationInputError, match="group rule must be one of representative, connected, got 'chained'"):
+        group_rows(graph, np.arange(3), "chained")
+    with pytest.raises(CurationInputError, match="sampling strategy must be one of closest, random, got 'nearest'"):
+        hierarchical_sample([np.zeros(4, dtype=np.int64)], [1], 2, strategy="nearest")
+
+
 def test_run_from_config_is_idempotent(pool_dir, capsys):
     d, planted = pool_dir
     x, labels = long_tailed_mixture([300, 100, 50], 32, seed=0)

@@ -24,7 +24,7 @@ def kmeans_on_rank(points, world, strategy, dtype):
         rank = dist.get_rank()
         local = points[shard_slice(points.shape[0], (rank, world))]
         levels = distributed_hierarchical_kmeans(local, CLUSTERS, niter=6, resampling_steps=2, sample_sizes=[5, 2],
-                                                 strategy=strategy, seed=7, dtype=dtype)
+                                                 strategy=strategy, seed=7, dtype=dtype, process_group=dist.group.WORLD)
         return [(level.centroids, level.assignment, level.distances) for level in levels]
     finally:
         dist.destroy_process_group()
