@@ -80,6 +80,7 @@ def test_override_order_and_types():
         ("compute.num_threads=0", r"compute.num_threads=0 is out of range: must be >= 1 \(or null\)$"),
         ("teacher.teacher_temp=0", r"teacher.teacher_temp=0.0 is out of range: must be > 0$"),
         ("crops.flip_p=1.5", r"crops.flip_p=1.5 is out of range: must be in \[0, 1\]$"),
+        ("crops.rotation_degrees=200", r"crops.rotation_degrees=200.0 is out of range: must be in \[0, 180\]$"),
         ("crops.global_crops_scale=[0.5,0.2]", r"crops.global_crops_scale=\[0.5, 0.2\] .* non-decreasing"),
         ("crops.local_crops_scale=[0.0,0.3]", r"crops.local_crops_scale=\[0.0, 0.3\] .* each in \(0, 1\]"),
         ("crops.global_crops_scale=[0.3]", r"must be 2 values"),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
@@ -57,6 +58,32 @@ def test_full_crop_without_random_ops_equals_resize_totensor_normalize(rgb):
 def test_flip(rgb):
     out = _aug(flip_p=1.0)(rgb, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out["global_crops"][0], _reference(rgb, 24, T.RandomHorizontalFlip(p=1.0)))
+
+
+def test_rotation_is_torchvision_rotate_of_the_crop(rgb):
+    aug = _aug(rotation_degrees=40.0, global_crops_scale=(0.5, 1.0))
+    g = torch.Generator().manual_seed(3)
+    params = [aug.sample_crop_params(g, 40, 40, scale=(0.5, 1.0), blur_p=0.0, solarize_p=0.0) for _ in range(4)]
+    for p in params:
+        assert p.angle != 0.0
+        top, left, h, w = p.box
+        crop = F.resized_crop(rgb, top, left, h, w, [24, 24], interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        rotation = T.RandomRotation((p.angle, p.angle), interpolation=T.InterpolationMode.BILINEAR, fill=0)
+        expected = T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(T.ToTensor()(rotation(crop)))
+        assert torch.equal(aug.apply_crop(rgb, p, 24), expected)
+
+
+def test_rotation_angles_are_uniform_and_off_by_default():
+    g = torch.Generator().manual_seed(0)
+    rotating = DataAugmentationDINO(rotation_degrees=15.0)
+    angles = [rotating.sample_crop_params(g, 300, 400, scale=(0.32, 1.0), blur_p=0.5, solarize_p=0.2).angle
+              for _ in range(2000)]
+    assert stats.kstest(angles, stats.uniform(-15.0, 30.0).cdf).pvalue > 0.001
+    plain = DataAugmentationDINO()
+    assert all(plain.sample_crop_params(g, 300, 400, scale=(0.32, 1.0), blur_p=0.5, solarize_p=0.2).angle == 0.0
+               for _ in range(50))
+    with pytest.raises(ValueError, match=r"rotation_degrees must be in \[0, 180\], got 200"):
+        DataAugmentationDINO(rotation_degrees=200)
 
 
 def test_solarize_only_on_second_global_crop(rgb):

@@ -48,7 +48,7 @@ def _kwargs(aug):
                 local_crops_number=aug.local_crops_number, global_crops_size=aug.global_crops_size,
                 local_crops_size=aug.local_crops_size, flip_p=aug.flip_p, color_jitter_p=aug.color_jitter_p,
                 grayscale_p=aug.grayscale_p, blur_p=aug.blur_p, solarize_p=aug.solarize_p, normalize=aug.normalize,
-                pipeline=aug.pipeline)
+                pipeline=aug.pipeline, rotation_degrees=aug.rotation_degrees)
 
 
 def _mean_abs_diff(a, b):
@@ -83,6 +83,20 @@ def test_each_operation_matches_the_reference_up_to_rounding(photos, op):
             # Resizing differs by at most a level here and there.
             assert _mean_abs_diff(a, b) < (1.0 if hsv else 0.3), (op, seed)
             assert (a.int() - b.int()).abs().max() <= (12 if hsv else 255 if op == "solarize" else 2), (op, seed)
+
+
+def test_rotation_matches_the_reference_up_to_rounding(photos):
+    # cv2's fixed-point bilinear weights against PIL's floating point ones: a few levels at most, and
+    # the same rule at the borders (0 where the source point is outside the crop, edge pixels repeated
+    # inside it: a plain constant border would differ by up to ~100 levels along the crop's edges).
+    reference, fast = _pair(**OFF, rotation_degrees=180.0)
+    for seed, image in enumerate(photos):
+        ref, g_ref = _crops(reference, image, seed)
+        out, g_fast = _crops(fast, image, seed)
+        assert torch.equal(g_ref.get_state(), g_fast.get_state())
+        for a, b in zip(ref, out):
+            assert _mean_abs_diff(a, b) < 0.8, seed
+            assert (a.int() - b.int()).abs().max() <= 6, seed
 
 
 def test_full_recipe_matches_the_reference_and_draws_the_same_decisions(photos):

@@ -105,6 +105,9 @@ class CropsConfig:
     global_crops_size: int = ranged(224, ge=1, doc="side of the global crops in pixels (the training resolution)")
     local_crops_size: int = ranged(98, ge=1, doc="side of the local crops in pixels")
     flip_p: float = ranged(0.5, **PROBABILITY, doc="probability of a horizontal flip")
+    rotation_degrees: float = ranged(
+        0.0, ge=0.0, le=180.0,
+        doc="random rotation of each crop in [-d, d] degrees, corners black (0 = off, as the official recipe)")
     color_jitter: List[float] = ranged(
         [0.4, 0.4, 0.2, 0.1], ge=0.0, length=4,
         doc="brightness, contrast, saturation, hue of torchvision ColorJitter (hue <= 0.5)",

@@ -1,7 +1,8 @@
 """DINOv2 multi-crop augmentation (2 global + N local crops).
 
 Recipe of the official dinov2 ``DataAugmentationDINO``: RandomResizedCrop (bicubic),
-horizontal flip, colour jitter (p 0.8) and random grayscale (p 0.2), Gaussian blur
+an optional small random rotation (``rotation_degrees``, off in the official recipe; for
+centred objects such as digits), horizontal flip, colour jitter (p 0.8) and random grayscale (p 0.2), Gaussian blur
 (kernel 9, sigma 0.1-2.0) and solarize on the second global crop, then ToTensor and
 Normalize. With ``normalize=False`` (the training loader's setting) the crops stay as the
 image gave them, uint8 for 8-bit images, and ``normalize_crops`` does the ToTensor +
@@ -79,6 +80,7 @@ class CropParams:
     grayscale: bool
     blur_sigma: Optional[float]
     solarize: bool
+    angle: float = 0.0  # degrees counter-clockwise about the crop's centre, corners filled with 0
 
 
 def normalize_crops(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -161,6 +163,7 @@ class DataAugmentationDINO:
         num_channels: int = 3,
         normalize: bool = True,
         pipeline: str = "reference",
+        rotation_degrees: float = 0.0,
     ):
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
@@ -181,6 +184,8 @@ class DataAugmentationDINO:
             )
         if pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+        if not 0.0 <= rotation_degrees <= 180.0:
+            raise ValueError(f"rotation_degrees must be in [0, 180], got {rotation_degrees}")
         if blur_kernel % 2 != 1:
             raise ValueError(f"blur_kernel must be odd, got {blur_kernel}")
         for name, p in [("flip_p", flip_p), ("color_jitter_p", color_jitter_p), ("grayscale_p", grayscale_p),
@@ -194,6 +199,7 @@ class DataAugmentationDINO:
         self.global_crops_size = int(global_crops_size)
         self.local_crops_size = int(local_crops_size)
         self.flip_p = flip_p
+        self.rotation_degrees = float(rotation_degrees)
         b, c, s, h = color_jitter
         # ColorJitter's ranges: multiplicative factors around 1, hue shift around 0.
         self.jitter_ranges = ((max(0.0, 1 - b), 1 + b), (max(0.0, 1 - c), 1 + c), (max(0.0, 1 - s), 1 + s), (-h, h))
@@ -220,6 +226,8 @@ class DataAugmentationDINO:
         self, g: torch.Generator, height: int, width: int, *, scale, blur_p: float, solarize_p: float
     ) -> CropParams:
         box = sample_resized_crop_box(g, height, width, scale)
+        # Drawn only when enabled, so runs without rotation keep their random streams.
+        angle = _uniform(g, -self.rotation_degrees, self.rotation_degrees) if self.rotation_degrees > 0 else 0.0
         flip = _coin(g, self.flip_p)
         jitter = None
         if _coin(g, self.color_jitter_p):
@@ -229,7 +237,7 @@ class DataAugmentationDINO:
         grayscale = _coin(g, self.grayscale_p)
         blur_sigma = _uniform(g, *self.blur_sigma) if _coin(g, blur_p) else None
         solarize = _coin(g, solarize_p)
-        return CropParams(box, flip, jitter, grayscale, blur_sigma, solarize)
+        return CropParams(box, flip, jitter, grayscale, blur_sigma, solarize, angle)
 
     # --- application ------------------------------------------------------------------
 
@@ -253,6 +261,8 @@ class DataAugmentationDINO:
         top, left, h, w = params.box
         out = F.resized_crop(image, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
                              antialias=True)
+        if params.angle:
+            out = F.rotate(out, params.angle, interpolation=InterpolationMode.BILINEAR, fill=0)
         if params.flip:
             out = F.horizontal_flip(out)
         if params.jitter is not None:

@@ -6,6 +6,8 @@ without PIL / torchvision dispatch:
 
 * crop + resize: torch's uint8 antialiased bicubic kernel on a channels-last view (the
   kernel written to match PIL's; differs from it by at most 1 level);
+* rotation: ``cv2.warpAffine`` (bilinear, replicated edge) about the crop's centre, 0 where the
+  source point is outside the crop: PIL's rule (differs by a few levels: cv2's fixed-point weights);
 * brightness, contrast, solarize: 256-entry lookup tables with PIL's arithmetic
   (float32 ``blend`` then truncation), so these match the reference exactly;
 * saturation: ``cv2.addWeighted`` against the luma image, truncated like PIL's blend;
@@ -75,6 +77,23 @@ def _hue(x: np.ndarray, factor: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
+def _rotate(x: np.ndarray, angle: float) -> np.ndarray:
+    """PIL's ``rotate(angle, BILINEAR, fillcolor=0)`` of a square image: bilinear with edge pixels
+    repeated inside the source, 0 where the source point falls outside it (a constant border would
+    instead fade the image's edge to black over a pixel)."""
+    size = x.shape[0]
+    centre = (size - 1) / 2.0  # the centre of the pixel grid, as PIL / torchvision rotate about
+    matrix = cv2.getRotationMatrix2D((centre, centre), angle, 1.0)
+    out = cv2.warpAffine(x, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    grid = np.arange(size, dtype=np.float64)
+    inverse = cv2.invertAffineTransform(matrix)  # output pixel -> source point
+    src_x = inverse[0, 0] * grid[None, :] + inverse[0, 1] * grid[:, None] + inverse[0, 2]
+    src_y = inverse[1, 0] * grid[None, :] + inverse[1, 1] * grid[:, None] + inverse[1, 2]
+    outside = (src_x < -0.5) | (src_x >= size - 0.5) | (src_y < -0.5) | (src_y >= size - 0.5)
+    out[outside] = 0
+    return out
+
+
 def apply_crop_fast(image: np.ndarray, params, size: int, blur_kernel: int) -> torch.Tensor:
     """``params`` (a ``CropParams``) applied to an (H, W, C) uint8 array -> (C, size, size) uint8 tensor."""
     channels = image.shape[2]
@@ -87,6 +106,8 @@ def apply_crop_fast(image: np.ndarray, params, size: int, blur_kernel: int) -> t
     x = np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
     if channels == 1:
         x = x[:, :, 0]
+    if params.angle:
+        x = _rotate(x, params.angle)
     if params.flip:
         x = cv2.flip(x, 1)
     if params.jitter is not None:

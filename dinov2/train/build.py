@@ -42,7 +42,7 @@ def build_transform(cfg) -> DataAugmentationDINO:
         grayscale_p=crops.grayscale_p, blur_p=tuple(crops.blur_p), solarize_p=crops.solarize_p,
         mean=tuple(crops.mean), std=tuple(crops.std), num_channels=cfg.student.in_chans,
         normalize=False,  # crops travel as uint8; SSLMetaArch normalises them on the device
-        pipeline=str(crops.pipeline),
+        pipeline=str(crops.pipeline), rotation_degrees=crops.rotation_degrees,
     )
 
 
