@@ -2,9 +2,9 @@
 
 Recipe of the official dinov2 ``DataAugmentationDINO``: RandomResizedCrop (bicubic),
 an optional small random rotation (``rotation_degrees``, off in the official recipe; for
-centred objects such as digits), horizontal flip, colour jitter (p 0.8) and random grayscale (p 0.2), Gaussian blur
-(kernel 9, sigma 0.1-2.0) and solarize on the second global crop, then ToTensor and
-Normalize. With ``normalize=False`` (the training loader's setting) the crops stay as the
+centred objects such as digits), horizontal flip, colour jitter (p 0.8) and random
+grayscale (p 0.2), Gaussian blur (kernel 9, sigma 0.1-2.0) and solarize on the second
+global crop, then ToTensor and Normalize. With ``normalize=False`` (the training loader's setting) the crops stay as the
 image gave them, uint8 for 8-bit images, and ``normalize_crops`` does the ToTensor +
 Normalize arithmetic later, batched on the device. The image operations are torchvision's (``transforms.v2.functional``);
 the random *parameters* are drawn here from an explicit ``torch.Generator``, which is
