@@ -86,6 +86,18 @@ def test_rotation_angles_are_uniform_and_off_by_default():
         DataAugmentationDINO(rotation_degrees=200)
 
 
+def test_without_rotation_the_random_stream_is_the_one_before_the_option():
+    # Values drawn by the code before crops.rotation_degrees existed (commit b5635b6), seed 0: runs that
+    # leave rotation off must crop exactly as before, so no angle may be drawn then.
+    aug = DataAugmentationDINO()
+    g = torch.Generator().manual_seed(0)
+    params = [aug.sample_crop_params(g, 300, 400, scale=(0.32, 1.0), blur_p=0.5, solarize_p=0.2) for _ in range(3)]
+    assert [p.box for p in params] == [(17, 72, 260, 303), (47, 11, 235, 261), (20, 133, 208, 266)]
+    assert [p.blur_sigma for p in params] == pytest.approx([1.0851913690567017, 0.3862915635108948, None])
+    assert [p.jitter.order for p in params] == [(3, 2, 0, 1), (1, 2, 3, 0), (0, 2, 3, 1)]
+    assert torch.rand(1, generator=g).item() == pytest.approx(0.6984410881996155)
+
+
 def test_solarize_only_on_second_global_crop(rgb):
     out = _aug(solarize_p=1.0)(rgb, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out["global_crops"][0], _reference(rgb, 24))
