@@ -4,10 +4,11 @@ Recipe of the official dinov2 ``DataAugmentationDINO``: RandomResizedCrop (bicub
 an optional small random rotation (``rotation_degrees``, off in the official recipe; for
 centred objects such as digits), horizontal flip, colour jitter (p 0.8) and random
 grayscale (p 0.2), Gaussian blur (kernel 9, sigma 0.1-2.0) and solarize on the second
-global crop, then ToTensor and Normalize. With ``normalize=False`` (the training loader's setting) the crops stay as the
-image gave them, uint8 for 8-bit images, and ``normalize_crops`` does the ToTensor +
-Normalize arithmetic later, batched on the device. The image operations are torchvision's (``transforms.v2.functional``);
-the random *parameters* are drawn here from an explicit ``torch.Generator``, which is
+global crop, then ToTensor and Normalize. With ``normalize=False`` (the training loader's
+setting) the crops stay as the image gave them, uint8 for 8-bit images, and
+``normalize_crops`` does the ToTensor + Normalize arithmetic later, batched on the device.
+The image operations are torchvision's (``transforms.v2.functional``); the random
+*parameters* are drawn here from an explicit ``torch.Generator``, which is
 what lets the SSL dataset make every crop a pure function of (seed, sample position)
 without touching or forking the global torch RNG.
 
