@@ -41,3 +41,34 @@ def test_demo_writes_the_three_knn_numbers(tmp_path):
 def test_num_threads_must_be_positive():
     with pytest.raises(ConfigError, match=r"compute.num_threads=0 is out of range: must be >= 1"):
         load_config("train/demo_mnist.yaml", ["compute.num_threads=0"])
+
+
+def _as_uint8(x: torch.Tensor, cfg) -> bytes:
+    """Undo the evaluation normalisation of a 28-px digit (resize ratio 1: no resampling)."""
+    pixels = (x * cfg.crops.std[0] + cfg.crops.mean[0]) * 255.0
+    return torch.round(pixels).clamp(0, 255).to(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_demo_knn_uses_the_split_its_training_never_saw(seed):
+    """The demo trains on ``mnist:train``; its kNN memory bank must be those digits and its queries
+    the held-out ones, whatever ``train.seed`` (it used to redraw the split from ``train.seed``, so
+    with seed 1 about 80 % of the queries were training images)."""
+    from dinov2.data import MNISTDemoDataset
+    from dinov2.train.knn_monitor import KnnMonitor
+
+    cfg = load_config("train/demo_mnist.yaml", [f"train.seed={seed}"])
+    monitor = KnnMonitor(cfg)
+    for part, name in ((monitor.splits.train, "train"), (monitor.splits.val, "held_out")):
+        expected = MNISTDemoDataset(name)
+        got = sorted(_as_uint8(part[i][0], cfg) for i in range(len(part)))
+        assert got == sorted(img.tobytes() for img in expected.images), name
+    assert demo.raw_pixel_top1(cfg) == demo.raw_pixel_top1(load_config("train/demo_mnist.yaml"))
+
+
+def test_query_labels_without_a_query_set_are_an_error():
+    from dinov2.train.knn_monitor import KnnMonitor
+
+    cfg = load_config(None, ["evaluation.dataset=mnist", "evaluation.val_labels=y.npy"])
+    with pytest.raises(ValueError, match="evaluation.val_labels is set but evaluation.val_dataset is not"):
+        KnnMonitor(cfg)

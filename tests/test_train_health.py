@@ -131,6 +131,23 @@ def test_cli_prints_a_summary_whose_commands_run(tmp_path, capsys):
         assert "k=3" in capsys.readouterr().out
 
 
+def test_summary_names_the_same_knn_sets_as_the_monitor(tmp_path):
+    """A memory bank and a query set given apart are printed as --train / --val; a split carries
+    its fraction and split seed (dinov2-eval would otherwise redraw another split)."""
+    from dinov2.cli.eval import build_parser
+    from dinov2.train.summary import next_commands
+
+    parser = build_parser()
+    given = load_config(None, TINY + ["evaluation.dataset=mnist:train", "evaluation.val_dataset=mnist:held_out",
+                                      "evaluation.limit=100"])
+    args = parser.parse_args(shlex.split(next_commands(tmp_path, given)[1], comments=True)[1:])
+    assert (args.train, args.val, args.data, args.limit) == ("mnist:train", "mnist:held_out", None, 100)
+    split = load_config(None, TINY + ["evaluation.dataset=mnist", "evaluation.val_fraction=0.3",
+                                      "evaluation.split_seed=4"])
+    args = parser.parse_args(shlex.split(next_commands(tmp_path, split)[1], comments=True)[1:])
+    assert (args.data, args.val_fraction, args.split_seed, args.train) == ("mnist", 0.3, 4, None)
+
+
 def test_summary_of_a_run_without_checkpoints(tmp_path):
     cfg = load_config(None, TINY)
     text = run_summary(tmp_path, cfg, {"step": 0})

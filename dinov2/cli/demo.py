@@ -12,15 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from torchvision.transforms import v2 as transforms
 
 from dinov2.compute import intra_op_threads
 from dinov2.configs import load_config
-from dinov2.data import load_mnist_demo_arrays, stratified_split
 from dinov2.eval.knn import knn_classify
 from dinov2.logging.plots import plot_loss_curve
-from dinov2.train.knn_monitor import KnnMonitor
+from dinov2.train.knn_monitor import KnnMonitor, knn_splits
 from dinov2.train.ssl_meta_arch import build_backbone
 from dinov2.train.train import Trainer
 
@@ -32,10 +31,15 @@ def knn_top1(train_x, train_y, test_x, test_y) -> float:
 
 
 def raw_pixel_top1(cfg) -> float:
-    images, labels = load_mnist_demo_arrays()
-    train, held_out = stratified_split(labels, cfg.evaluation.val_fraction, cfg.train.seed)
-    pixels = images.reshape(len(images), -1).astype(np.float32)
-    return knn_top1(pixels[train], labels[train], pixels[held_out], labels[held_out])
+    """kNN on the unnormalised pixels of the memory bank and queries the kNN monitor uses."""
+    splits = knn_splits(cfg, transforms.ToImage())
+
+    def pixels_and_labels(dataset):
+        pairs = [dataset[i] for i in range(len(dataset))]
+        pixels = torch.stack([image.flatten() for image, _ in pairs]).float()
+        return pixels, torch.tensor([label for _, label in pairs])
+
+    return knn_top1(*pixels_and_labels(splits.train), *pixels_and_labels(splits.val))
 
 
 def parse_args(argv=None):

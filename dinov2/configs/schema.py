@@ -244,9 +244,14 @@ class EvaluationConfig:
     """kNN of the teacher's class token on a labelled set during training (dinov2-eval's maths)."""
 
     knn_every_n_steps: int = ranged(0, ge=0, doc="kNN of the teacher every this many steps; 0 disables it")
-    dataset: str = option("", doc="labelled set: mnist[:held_out] | folder:PATH (a sub-folder per class) | npy:PATH")
+    dataset: str = option("", doc="labelled set: mnist[:train] | folder:PATH (a sub-folder per class) | npy:PATH")
     labels: str = option("", doc="labels .npy for an images .npy")
-    val_fraction: float = ranged(0.2, gt=0.0, lt=1.0, doc="stratified fraction held out as kNN queries")
+    # Given: `dataset` is the kNN memory bank as it is; not given: `dataset` is split.
+    val_dataset: str = option("", doc="labelled kNN queries, same grammar (e.g. mnist:held_out); empty = split dataset")
+    val_labels: str = option("", doc="labels .npy for a val_dataset .npy")
+    val_fraction: float = ranged(0.2, gt=0.0, lt=1.0, doc="stratified fraction of dataset held out as kNN queries")
+    # Its own seed, not train.seed: a seed study then changes the training, never the test set.
+    split_seed: int = ranged(0, ge=0, doc="seed of that split (and of limit's subset), as dinov2-eval --split-seed")
     img_size: Optional[int] = ranged(None, ge=1, doc="evaluation image size (null = crops.global_crops_size)")
     resize_ratio: float = ranged(1.0, ge=1.0, doc="resize to img_size x resize_ratio, then center-crop img_size")
     ks: List[int] = ranged([20], ge=1, min_length=1, doc="neighbour counts k of the kNN classifier")

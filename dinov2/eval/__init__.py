@@ -6,7 +6,7 @@ Pure maths (``knn_classify``, ``linear_probe``, ``pca_rgb``) take arrays; ``eval
 """
 
 from .backbone import BackboneError, resolve_backbone
-from .data import DataError, build_splits, eval_transform, load_dataset, stratified_split
+from .data import DataError, Splits, build_splits, eval_transform, load_dataset, stratified_split
 from .evaluate import evaluate_knn, evaluate_linear
 from .features import FeatureSet, extract_features, linear_input
 from .knn import knn_classify, knn_summary
@@ -17,6 +17,7 @@ __all__ = [
     "BackboneError",
     "DataError",
     "FeatureSet",
+    "Splits",
     "build_splits",
     "eval_transform",
     "evaluate_knn",

@@ -5,22 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dinov2.eval import build_splits, eval_transform, evaluate_knn
+from dinov2.eval import Splits, build_splits, eval_transform, evaluate_knn
+
+
+def knn_splits(cfg, transform) -> Splits:
+    """The kNN memory bank and queries ``cfg.evaluation`` names: ``dataset`` and ``val_dataset``, or
+    ``dataset`` split by ``val_fraction`` with ``split_seed`` (never ``train.seed``)."""
+    ev = cfg.evaluation
+    if not ev.dataset:
+        raise ValueError("evaluation.knn_every_n_steps > 0 needs evaluation.dataset (e.g. mnist or a class folder)")
+    if ev.val_dataset:
+        return build_splits(
+            train=ev.dataset, train_labels=ev.labels or None, val=ev.val_dataset, val_labels=ev.val_labels or None,
+            seed=ev.split_seed, limit=ev.limit, transform=transform,
+        )
+    if ev.val_labels:
+        raise ValueError("evaluation.val_labels is set but evaluation.val_dataset is not")
+    return build_splits(
+        data=ev.dataset, labels=ev.labels or None, val_fraction=ev.val_fraction, seed=ev.split_seed,
+        limit=ev.limit, transform=transform,
+    )
 
 
 class KnnMonitor:
     def __init__(self, cfg) -> None:
         ev = cfg.evaluation
-        if not ev.dataset:
-            raise ValueError("evaluation.knn_every_n_steps > 0 needs evaluation.dataset (e.g. mnist or a class folder)")
         transform = eval_transform(
             ev.img_size or cfg.crops.global_crops_size, ev.resize_ratio,
             mean=list(cfg.crops.mean), std=list(cfg.crops.std), channels=cfg.student.in_chans,
         )
-        self.splits = build_splits(
-            data=ev.dataset, labels=ev.labels or None, val_fraction=ev.val_fraction, seed=cfg.train.seed,
-            limit=ev.limit, transform=transform,
-        )
+        self.splits = knn_splits(cfg, transform)
         self.ks = tuple(ev.ks)
 
     def evaluate(self, backbone: nn.Module) -> dict:

@@ -30,8 +30,15 @@ def next_commands(run_dir: Path, cfg) -> list[str]:
     backbone = run_dir / "backbone.safetensors"
     export = shlex.join(["dinov2-export", str(run_dir), str(backbone)])
     knn = ["dinov2-eval", "knn", "--backbone-file", str(backbone)]
-    if cfg.evaluation.dataset:
-        data = ["--data", cfg.evaluation.dataset] + (["--labels", cfg.evaluation.labels] if cfg.evaluation.labels else [])
+    ev = cfg.evaluation
+    if ev.dataset:
+        if ev.val_dataset:
+            data = ["--train", ev.dataset] + (["--train-labels", ev.labels] if ev.labels else [])
+            data += ["--val", ev.val_dataset] + (["--val-labels", ev.val_labels] if ev.val_labels else [])
+        else:
+            data = ["--data", ev.dataset] + (["--labels", ev.labels] if ev.labels else [])
+            data += ["--val-fraction", str(ev.val_fraction), "--split-seed", str(ev.split_seed)]
+        data += ["--limit", str(ev.limit)] if ev.limit else []
         data_text, comment = shlex.join(data), ""
     else:
         data_text, comment = "--data LABELLED_DIR", "  # a folder with one sub-folder of images per class"
