@@ -66,9 +66,6 @@ def test_demo_knn_uses_the_split_its_training_never_saw(seed):
     assert demo.raw_pixel_top1(cfg) == demo.raw_pixel_top1(load_config("train/demo_mnist.yaml"))
 
 
-def test_query_labels_without_a_query_set_are_an_error():
-    from dinov2.train.knn_monitor import KnnMonitor
-
-    cfg = load_config(None, ["evaluation.dataset=mnist", "evaluation.val_labels=y.npy"])
-    with pytest.raises(ValueError, match="evaluation.val_labels is set but evaluation.val_dataset is not"):
-        KnnMonitor(cfg)
+def test_query_labels_without_a_query_set_are_a_config_error():
+    with pytest.raises(ConfigError, match=r"evaluation.val_labels=y.npy is set but evaluation.val_dataset is not"):
+        load_config(None, ["evaluation.dataset=mnist", "evaluation.val_labels=y.npy"])

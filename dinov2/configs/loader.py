@@ -102,6 +102,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"train.init_from={cfg.train.init_from} and student.pretrained_weights={cfg.student.pretrained_weights} "
             f"both set the student's starting weights (init_from would silently overwrite them); set only one")
+    if cfg.evaluation.val_labels and not cfg.evaluation.val_dataset:
+        raise ConfigError(f"evaluation.val_labels={cfg.evaluation.val_labels} is set but evaluation.val_dataset is not "
+                          f"(the labels of which queries?)")
 
 
 def _editable(node: DictConfig) -> None:

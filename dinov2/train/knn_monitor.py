@@ -19,8 +19,6 @@ def knn_splits(cfg, transform) -> Splits:
             train=ev.dataset, train_labels=ev.labels or None, val=ev.val_dataset, val_labels=ev.val_labels or None,
             seed=ev.split_seed, limit=ev.limit, transform=transform,
         )
-    if ev.val_labels:
-        raise ValueError("evaluation.val_labels is set but evaluation.val_dataset is not")
     return build_splits(
         data=ev.dataset, labels=ev.labels or None, val_fraction=ev.val_fraction, seed=ev.split_seed,
         limit=ev.limit, transform=transform,
