@@ -10,7 +10,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from dinov2.cli import demo
 from dinov2.configs import ConfigError, load_config
-from dinov2.data import load_mnist_demo_arrays, stratified_split
+from dinov2.data import MNISTDemoDataset
 
 
 def test_demo_writes_the_three_knn_numbers(tmp_path):
@@ -28,12 +28,13 @@ def test_demo_writes_the_three_knn_numbers(tmp_path):
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
     # Raw pixels: a weighted (T=0.07) cosine kNN vote vs an unweighted one agree to a few points.
-    cfg = load_config("train/demo_mnist.yaml")
-    images, labels = load_mnist_demo_arrays()
-    train, held_out = stratified_split(labels, cfg.evaluation.val_fraction, cfg.train.seed)
-    pixels = images.reshape(len(images), -1).astype(np.float32)
-    reference = KNeighborsClassifier(n_neighbors=demo.K, metric="cosine").fit(pixels[train], labels[train])
-    reference_top1 = 100.0 * (reference.predict(pixels[held_out]) == labels[held_out]).mean()
+    train, held_out = MNISTDemoDataset("train"), MNISTDemoDataset("held_out")
+
+    def pixels(ds):
+        return ds.images.reshape(len(ds.images), -1).astype(np.float32)
+
+    reference = KNeighborsClassifier(n_neighbors=demo.K, metric="cosine").fit(pixels(train), train.targets)
+    reference_top1 = 100.0 * (reference.predict(pixels(held_out)) == held_out.targets).mean()
     assert abs(results["raw_pixels"] - reference_top1) < 2.0
     assert reference_top1 > 85.0  # kNN on MNIST pixels is a strong baseline
 
@@ -54,7 +55,6 @@ def test_demo_knn_uses_the_split_its_training_never_saw(seed):
     """The demo trains on ``mnist:train``; its kNN memory bank must be those digits and its queries
     the held-out ones, whatever ``train.seed`` (it used to redraw the split from ``train.seed``, so
     with seed 1 about 80 % of the queries were training images)."""
-    from dinov2.data import MNISTDemoDataset
     from dinov2.train.knn_monitor import KnnMonitor
 
     cfg = load_config("train/demo_mnist.yaml", [f"train.seed={seed}"])
